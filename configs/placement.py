@@ -1,0 +1,81 @@
+"""Settings -> Ray Serve deployment options: placement bundles, replicas, request limits. Pure."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from configs.settings import Accelerator, Settings
+
+
+def placement_bundles(tensor_parallel: int, pipeline_parallel: int, accelerator: Accelerator) -> list[dict[str, float]]:
+    """One bundle per device of one engine. The engine replica itself (one CPU) lives in the first."""
+    if tensor_parallel < 1 or pipeline_parallel < 1:
+        raise ValueError("parallel sizes must be >= 1")
+    devices = tensor_parallel * pipeline_parallel
+    if accelerator is Accelerator.GPU:
+        return [{"CPU": 1, "GPU": 1}] + [{"GPU": 1} for _ in range(devices - 1)]
+    if accelerator is Accelerator.CPU:
+        return [{"CPU": 1} for _ in range(devices)]
+    raise ValueError("resolve the accelerator first")
+
+
+def engine_max_ongoing_requests(settings: Settings) -> int:
+    # Enough to keep the engine's batch full, and never below what the router admits: the router's
+    # limit (MAX_CONCURRENCY) is what rejects, not Serve's queue in front of the engine.
+    return max(settings.MAX_NUM_SEQS, settings.MAX_CONCURRENCY) + 16
+
+
+def router_max_ongoing_requests(settings: Settings) -> int:
+    # The router admits MAX_CONCURRENCY and queues MAX_QUEUED_REQUESTS itself (answering 429 past
+    # that); Serve's own limit sits above so that our envelope, not Serve's bare 503, is what callers see.
+    return settings.MAX_CONCURRENCY + settings.MAX_QUEUED_REQUESTS + 64
+
+
+def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
+        "placement_group_bundles": placement_bundles(
+            settings.TENSOR_PARALLEL_SIZE, settings.PIPELINE_PARALLEL_SIZE, accelerator
+        ),
+        "placement_group_strategy": settings.PLACEMENT_STRATEGY.value,
+        "max_ongoing_requests": engine_max_ongoing_requests(settings),
+        # Loading a model takes minutes; the health check only asks whether the engine has died.
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 60,
+        "graceful_shutdown_wait_loop_s": 1,
+    }
+    if settings.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.MIN_REPLICAS,
+            "max_replicas": settings.MAX_REPLICAS,
+            "target_ongoing_requests": settings.TARGET_ONGOING_REQUESTS or max(1, settings.MAX_NUM_SEQS // 2),
+        }
+    else:
+        options["num_replicas"] = settings.NUM_REPLICAS
+    return options
+
+
+def router_deployment_options(settings: Settings, router_replicas: int = 1) -> dict[str, Any]:
+    return {
+        "num_replicas": router_replicas,
+        # The router is I/O-bound; it must not take a CPU an engine bundle needs.
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": router_max_ongoing_requests(settings),
+        "graceful_shutdown_timeout_s": 60,
+        "graceful_shutdown_wait_loop_s": 1,
+    }
+
+
+def per_router_limit(total: int, router_replicas: int) -> int:
+    """MAX_CONCURRENCY is the app's limit; each router replica enforces its share."""
+    return max(1, math.ceil(total / max(1, router_replicas)))
+
+
+def logical_cpus_needed(settings: Settings, accelerator: Accelerator) -> int:
+    """Logical CPUs the app asks of Ray (bundles are bookkeeping, the cores stay what they are)."""
+    per_engine = sum(b.get("CPU", 0) for b in placement_bundles(
+        settings.TENSOR_PARALLEL_SIZE, settings.PIPELINE_PARALLEL_SIZE, accelerator))
+    replicas = settings.MAX_REPLICAS if settings.autoscaling else settings.NUM_REPLICAS
+    return int(per_engine * (replicas or 1))

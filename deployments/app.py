@@ -1,0 +1,31 @@
+"""The app builder: settings in, a Serve application (router -> engine) out. Used by `make serve`
+(`deployments.serve_main`), `serve run|deploy serve_config.yaml` (import path
+`deployments.app:build_app`) and the RunPod handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from configs.loader import load_settings
+from configs.placement import engine_deployment_options, router_deployment_options
+from configs.platform import resolve_accelerator
+from configs.settings import Settings
+from deployments.engine import engine_deployment
+from deployments.router import router_deployment
+
+APP_NAME = "llm"
+ROUTE_PREFIX = "/"
+
+
+def build_app_from_settings(settings: Settings) -> Application:
+    accelerator = resolve_accelerator(settings.ACCELERATOR)
+    engine = engine_deployment(engine_deployment_options(settings, accelerator)).bind(settings, accelerator)
+    return router_deployment(router_deployment_options(settings)).bind(engine, settings)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve's app-builder entry. With `serve deploy` the user's shell variables never reach the
+    cluster: settings come from the config's `args` and `runtime_env.env_vars` (args win)."""
+    return build_app_from_settings(load_settings(args=args or {}))

@@ -1,0 +1,114 @@
+"""The engine deployment: one vLLM `AsyncLLM` per replica, placed on the replica's placement group,
+with vLLM's own OpenAI server app (chat, completions, models, tools, response_format, logprobs...)
+called in-process. Request semantics are exactly `vllm serve`'s; what is ours lives in the router."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+from ray import serve
+
+from configs.engine_args import cpu_thread_binding, vllm_cli_args
+from configs.settings import Accelerator, Settings
+from deployments.asgi_bridge import ResponseHead, stream_asgi
+
+logger = logging.getLogger("ray.serve")
+
+
+def parse_vllm_args(cli_args: list[str]):
+    """vLLM's own parser and its own checks, as `vllm serve` runs them."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cli_args)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def prepare_process_environment(settings: Settings, accelerator: Accelerator) -> None:
+    """Environment vLLM reads in this replica (set here, from the settings the replica was given)."""
+    if settings.uses_demo_model:
+        # Offline mode applies to the embedded demo model only: users' models are downloaded.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    if settings.HF_TOKEN is not None:
+        os.environ["HF_TOKEN"] = settings.HF_TOKEN.get_secret_value()
+    if accelerator is Accelerator.CPU and settings.devices_per_engine > 1:
+        os.environ.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND",
+            cpu_thread_binding(sorted(os.sched_getaffinity(0)), settings.devices_per_engine),
+        )
+
+
+class EngineServer:
+    """Serve replica holding one vLLM engine. Not decorated here: the app builder applies the
+    deployment options computed in `configs.placement` (placement group, replicas, limits)."""
+
+    async def __init__(self, settings: Settings, accelerator: Accelerator) -> None:
+        started = time.monotonic()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.openai.api_server import build_app, init_app_state
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        prepare_process_environment(settings, accelerator)
+        model_path = settings.MODEL_NAME
+        if settings.uses_demo_model:
+            from deployments.demo_model import ensure_demo_model
+
+            model_path = str(ensure_demo_model(settings.DEMO_MODEL_DIR))
+        args = parse_vllm_args(vllm_cli_args(settings, accelerator, model_path))
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        if accelerator is Accelerator.GPU:
+            import ray.util
+
+            # The ray executor places its GPU workers on this replica's bundles.
+            vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+        self._engine = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+        tasks = await self._engine.get_supported_tasks()
+        self._app = build_app(args, tasks, self._engine.model_config)
+        await init_app_state(self._engine, self._app.state, args, tasks)
+        # vLLM's error path flips `state.server.should_exit` (uvicorn's); Serve restarts replicas
+        # through check_health instead, but the attribute must exist.
+        self._app.state.server = SimpleNamespace()
+        self._served_model_name = settings.served_model_name
+        self._replica_header = ("x-engine-replica", serve.get_replica_context().replica_id.unique_id)
+        logger.info("vLLM engine for %s ready in %.1f s", self._served_model_name, time.monotonic() - started)
+
+    async def http(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> AsyncIterator[ResponseHead | bytes]:
+        """One OpenAI request through vLLM's server app: a ResponseHead, then body bytes."""
+        items = stream_asgi(self._app, method, path, headers, body)
+        status, response_headers, first_part, more = await items.__anext__()
+        # Which replica answered: for operators reading logs, and for tests of replica spread.
+        yield status, [*response_headers, self._replica_header], first_part, more
+        async for item in items:
+            yield item
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails only when the engine is dead, never because it is busy."""
+        await self._engine.check_health()
+
+    async def running_requests(self) -> int:
+        """Requests the engine holds (for tests and operators: aborts must bring this to 0)."""
+        return len(self._engine.output_processor.request_states)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def engine_deployment(options: dict[str, Any]):
+    return serve.deployment(EngineServer, name="EngineServer", **options)

@@ -1,0 +1,94 @@
+"""One error envelope for every failure the router reports, and one table of exception -> status.
+
+The envelope is vLLM's (and OpenAI's shape): {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http import HTTPStatus
+
+
+class ClientError(Exception):
+    """A request the caller must fix. `param` names the field."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Unauthorized(ClientError):
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class NotFound(ClientError):
+    status = HTTPStatus.NOT_FOUND
+
+
+class PayloadTooLarge(ClientError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Overloaded(Exception):
+    """MAX_CONCURRENCY slots and the MAX_QUEUED_REQUESTS queue are full."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineUnavailable(Exception):
+    """No engine replica can take the request now (dead, restarting or still loading)."""
+
+
+def _engine_failures() -> tuple[type[BaseException], ...]:
+    import ray.exceptions
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return (
+        EngineUnavailable,
+        ray.exceptions.RayActorError,  # includes ActorDiedError, ActorUnavailableError
+        ray.exceptions.WorkerCrashedError,
+        BackPressureError,
+        DeploymentUnavailableError,
+        asyncio.TimeoutError,
+    )
+
+
+def status_for(exc: BaseException) -> tuple[HTTPStatus, str]:
+    """The one exception -> (status, error type) table."""
+    if isinstance(exc, ClientError):
+        return exc.status, {
+            HTTPStatus.UNAUTHORIZED: "AuthenticationError",
+            HTTPStatus.NOT_FOUND: "NotFoundError",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "BadRequestError",
+        }.get(exc.status, "BadRequestError")
+    if isinstance(exc, Overloaded):
+        return HTTPStatus.TOO_MANY_REQUESTS, "RateLimitError"
+    if isinstance(exc, _engine_failures()):
+        return HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"
+    return HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"
+
+
+def envelope(message: str, err_type: str, code: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def error_body(exc: BaseException) -> tuple[int, dict]:
+    status, err_type = status_for(exc)
+    if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+        message = f"Internal error ({type(exc).__name__})"
+    elif status == HTTPStatus.SERVICE_UNAVAILABLE and not isinstance(exc, EngineUnavailable):
+        message = f"The engine is unavailable ({type(exc).__name__}); retry shortly"
+    else:
+        message = str(exc)
+    return int(status), envelope(message, err_type, int(status), getattr(exc, "param", None))
+
+
+def sse_error_event(exc: BaseException) -> bytes:
+    """How a stream that already started reports a failure (what vLLM's own streams do)."""
+    _, body = error_body(exc)
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()

@@ -1,0 +1,304 @@
+"""The router (ingress) deployment: OpenAI routes under /v1 and /openai/v1, the RunPod native job
+format, the concurrency limit, API keys and the error envelope. Every request passes here; the
+engine deployment answers it with vLLM's own OpenAI layer, and bytes pass through untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from configs.placement import per_router_limit
+from configs.settings import Settings
+from deployments.errors import (
+    EngineUnavailable,
+    Unauthorized,
+    envelope,
+    error_body,
+    sse_error_event,
+)
+from deployments.limiter import AdmissionLimiter
+from deployments.native import (
+    BatchPolicy,
+    GenerationFailed,
+    NativeAssembler,
+    NativeJob,
+    event_payload,
+    normalize_job,
+    split_sse,
+)
+
+logger = logging.getLogger("ray.serve")
+
+PREFIXES = ("/v1", "/openai/v1")
+# Routes that run a generation (and so take a MAX_CONCURRENCY slot).
+GENERATION_ROUTES = ("/chat/completions", "/completions")
+HEALTH_TIMEOUT_S = 5.0
+# How long a non-generation call (models) waits for an engine before answering 503: a load
+# balancer's readiness probe must get an answer, not a hang, while the engine loads.
+READ_TIMEOUT_S = 10.0
+REQUEST_ID_HEADER = "x-request-id"
+# Engine response headers the caller sees (Serve's proxy adds x-request-id itself).
+PASSED_HEADERS = ("x-engine-replica",)
+
+app = FastAPI(
+    title="ray-vllm-serve",
+    description="vLLM on Ray Serve: OpenAI-compatible API (also under /openai/v1).",
+)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown routes and methods get the same envelope as everything else.
+    err_type = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(envelope(message, err_type, exc.status_code), status_code=exc.status_code)
+
+
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    """The envelope with its status (the request id header comes from Serve's proxy)."""
+    status, body = error_body(exc)
+    headers = {}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    if status >= 500:
+        logger.warning("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def current_request_id(request: Request) -> str:
+    """Serve's proxy echoes the caller's X-Request-Id or makes one, and returns it in the response;
+    vLLM gets the same id so engine logs and the caller's header agree."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+
+
+class Router:
+    """Serve ingress. Not decorated here: the app builder applies options from configs.placement."""
+
+    def __init__(self, engine: DeploymentHandle, settings: Settings, router_replicas: int = 1) -> None:
+        self._engine = engine
+        # Configured handle methods are built once, not per request.
+        self._engine_http = engine.options(stream=True).http
+        self._engine_health = engine.check_health
+        self._settings = settings
+        self._api_keys = tuple(k.encode() for k in settings.api_keys)
+        self._limiter = AdmissionLimiter(
+            per_router_limit(settings.MAX_CONCURRENCY, router_replicas), settings.MAX_QUEUED_REQUESTS
+        )
+        self._batch_defaults = BatchPolicy(
+            settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_MIN_BATCH_SIZE, settings.DEFAULT_BATCH_SIZE_GROWTH_FACTOR
+        )
+        self._chat_fields, self._completion_fields = openai_request_fields()
+
+    # --- HTTP routes ------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> Response:
+        """200 once an engine can serve; 503 while none can (loading, restarting or dead)."""
+        try:
+            await asyncio.wait_for(self._engine_health.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            return error_response(EngineUnavailable(f"engine not ready: {type(exc).__name__}"), "health")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    @app.get("/openai/v1/models")
+    async def models(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/models", generation=False)
+
+    @app.post("/v1/chat/completions")
+    @app.post("/openai/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/chat/completions", generation=True)
+
+    @app.post("/v1/completions")
+    @app.post("/openai/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/completions", generation=True)
+
+    # --- the path every OpenAI request takes ------------------------------------------------------
+    def _authorize(self, authorization: str | None) -> None:
+        if not self._api_keys:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # Compare against every key, in constant time for each, so timing reveals nothing.
+        matched = False
+        for key in self._api_keys:
+            matched |= hmac.compare_digest(presented, key)
+        if not matched:
+            raise Unauthorized("Missing or invalid API key: send `Authorization: Bearer <API_KEY>`")
+
+    async def _forward(self, request: Request, path: str, *, generation: bool) -> Response:
+        request_id = current_request_id(request)
+        try:
+            self._authorize(request.headers.get("authorization"))
+            body = await request.body()
+            if generation:
+                await self._limiter.acquire()
+        except Exception as exc:
+            return error_response(exc, request_id)
+        headers = [
+            ("content-type", request.headers.get("content-type", "application/json")),
+            (REQUEST_ID_HEADER, request_id),
+        ]
+        try:
+            stream = self._engine_http.remote(request.method, path, headers, body)
+            first = stream.__anext__()
+            status, engine_headers, first_part, more = await (
+                first if generation else asyncio.wait_for(first, READ_TIMEOUT_S)
+            )
+        except BaseException as exc:
+            if generation:
+                self._limiter.release()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return error_response(exc, request_id)
+        engine_headers = dict(engine_headers)
+        response_headers = {k: engine_headers[k] for k in PASSED_HEADERS if k in engine_headers}
+        if not more:
+            if generation:
+                self._limiter.release()
+            media_type = engine_headers.get("content-type", "application/json")
+            return Response(first_part, status_code=status, media_type=media_type, headers=response_headers)
+        return StreamingResponse(
+            self._relay(stream, first_part, request_id, generation),
+            status_code=status,
+            media_type="text/event-stream",
+            headers=response_headers,
+        )
+
+    async def _relay(self, stream: Any, first_part: bytes, request_id: str, generation: bool) -> AsyncIterator[bytes]:
+        """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
+        try:
+            yield first_part
+            async for part in stream:
+                yield part
+        except Exception as exc:
+            logger.warning("stream %s failed: %s: %s", request_id, type(exc).__name__, exc)
+            yield sse_error_event(exc)
+        finally:
+            # Client gone or stream done: cancelling the handle call aborts the request in the engine.
+            stream.cancel()
+            if generation:
+                self._limiter.release()
+
+
+    # --- RunPod jobs (called through this deployment's handle by the RunPod worker) ----------------
+    async def native(self, job_input: Any, job_id: str) -> AsyncIterator[Any]:
+        """One RunPod job: worker-vllm's native input or an openai_route job. Yields worker-vllm's
+        output shapes; a failure is one final `{"error": message}` (the worker marks the job FAILED)."""
+        try:
+            job = normalize_job(
+                job_input,
+                served_model=self._settings.served_model_name,
+                defaults=self._batch_defaults,
+                chat_fields=self._chat_fields,
+                completion_fields=self._completion_fields,
+            )
+            generation = job.method == "POST"
+            if generation:
+                await self._limiter.acquire()
+        except Exception as exc:
+            yield {"error": error_body(exc)[1]["error"]["message"]}
+            return
+        stream = None
+        try:
+            body = json.dumps(job.body).encode() if job.body is not None else b""
+            headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, job_id)]
+            stream = self._engine_http.remote(job.method, job.route, headers, body)
+            status, _, first_part, more = await stream.__anext__()
+            if status >= 400:
+                yield {"error": _error_message(first_part)}
+                return
+            if job.kind == "openai":
+                if not more:
+                    yield json.loads(first_part)
+                else:
+                    async for events in _sse_event_groups(first_part, stream):
+                        yield events
+                return
+            async for output in _native_outputs(job, first_part, stream):
+                yield output
+        except GenerationFailed as exc:
+            yield {"error": str(exc)}
+        except Exception as exc:
+            logger.warning("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
+            yield {"error": error_body(exc)[1]["error"]["message"]}
+        finally:
+            if stream is not None:
+                stream.cancel()
+            if generation:
+                self._limiter.release()
+
+
+def openai_request_fields() -> tuple[frozenset[str], frozenset[str]]:
+    """Fields vLLM's chat and completion requests accept (native sampling_params are checked
+    against them, since vLLM's request models ignore unknown fields)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return frozenset(ChatCompletionRequest.model_fields), frozenset(CompletionRequest.model_fields)
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        error = json.loads(body)["error"]
+        return error["message"] if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")
+
+
+async def _sse_event_groups(first_part: bytes, stream: Any) -> AsyncIterator[str]:
+    """The stream as strings of whole SSE events: never cut inside an event or a UTF-8 character."""
+    buffer = b""
+    async for part in _chain(first_part, stream):
+        buffer += part
+        cut = buffer.rfind(b"\n\n")
+        if cut >= 0:
+            yield buffer[: cut + 2].decode("utf-8")
+            buffer = buffer[cut + 2:]
+    if buffer.strip():
+        yield buffer.decode("utf-8")
+
+
+async def _chain(first_part: bytes, stream: Any) -> AsyncIterator[bytes]:
+    yield first_part
+    async for part in stream:
+        yield part
+
+
+async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> AsyncIterator[dict[str, Any]]:
+    assembler = NativeAssembler(job)
+    if not job.body or not job.body.get("stream"):
+        for batch in [*assembler.feed(json.loads(first_part)), *assembler.finish()]:
+            yield batch
+        return
+    buffer = b""
+    async for part in _chain(first_part, stream):
+        events, buffer = split_sse(buffer + part)
+        for event in events:
+            payload = event_payload(event)
+            if payload is not None:
+                for batch in assembler.feed(payload):
+                    yield batch
+    for batch in assembler.finish():
+        yield batch
+
+
+def router_deployment(options: dict[str, Any]):
+    return serve.deployment(serve.ingress(app)(Router), name="Router", **options)
+
+

@@ -1,0 +1,3 @@
+from handler.worker import main
+
+main()

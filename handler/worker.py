@@ -1,0 +1,121 @@
+"""The RunPod serverless worker: jobs go to the router deployment through a Serve handle.
+
+It connects to Ray (RAY_ADDRESS, else a local head), attaches to the running Serve app or deploys
+it from the same settings (in a Ray task, so this process never imports vLLM), then hands
+`runpod.serverless.start` an async generator handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from configs.loader import load_settings
+from configs.settings import Settings
+
+logger = logging.getLogger("handler")
+
+APP_NAME = "llm"  # deployments.app.APP_NAME (not imported: that module pulls in the deployments)
+DEFAULT_LOCAL_API_PORT = "8001"  # runpod's local test API defaults to 8000, where Serve listens
+HEALTH_POLL_S = 5.0
+
+
+@ray.remote(num_cpus=0)
+def _deploy_app(args: dict[str, Any] | None = None) -> None:
+    """Runs inside the Ray cluster: build and run the Serve app from the same settings."""
+    from configs.loader import load_settings as load
+    from deployments.app import APP_NAME as NAME
+    from deployments.app import ROUTE_PREFIX, build_app_from_settings
+
+    settings = load(args=args or {})
+    serve.start(http_options={"host": settings.SERVE_HOST, "port": settings.SERVE_PORT})
+    serve.run(build_app_from_settings(settings), name=NAME, route_prefix=ROUTE_PREFIX)
+
+
+def connect(settings: Settings) -> DeploymentHandle:
+    """Ray + the router's handle, deploying the app first when it isn't running."""
+    if not ray.is_initialized():
+        if settings.RAY_ADDRESS:
+            ray.init(address=settings.RAY_ADDRESS)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, settings.devices_per_engine))
+    if _app_status() != "RUNNING":
+        logger.warning("Deploying the Serve app %r (model %s)...", APP_NAME, settings.served_model_name)
+        started = time.monotonic()
+        ray.get(_deploy_app.remote())
+        logger.warning("Serve app ready in %.0f s", time.monotonic() - started)
+    return serve.get_app_handle(APP_NAME)
+
+
+def _app_status() -> str | None:
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # Serve not started yet
+        return None
+    return str(app.status.value if hasattr(app.status, "value") else app.status) if app else None
+
+
+def make_handler(router: DeploymentHandle):
+    native = router.options(stream=True).native
+
+    async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
+        """One RunPod job -> the router's native path. `{"error": ...}` marks the job FAILED."""
+        responses = native.remote(job.get("input"), str(job.get("id", "")))
+        try:
+            async for output in responses:
+                yield output
+        finally:
+            # A job stopped by RunPod (cancelled task) cancels the handle call; the engine aborts.
+            responses.cancel()
+
+    return handler
+
+
+def watch_health(deadline_s: float, status=_app_status, exit=os._exit, sleep=time.sleep) -> None:
+    """Exit non-zero (the platform replaces the worker) only if the app stays unhealthy past the
+    deadline; Serve replaces a dead engine replica on its own long before that."""
+    unhealthy_since: float | None = None
+    while True:
+        sleep(HEALTH_POLL_S)
+        healthy = status() == "RUNNING"
+        now = time.monotonic()
+        if healthy:
+            unhealthy_since = None
+        elif unhealthy_since is None:
+            unhealthy_since = now
+        elif now - unhealthy_since > deadline_s:
+            logger.error("Serve app unhealthy for %.0f s; exiting so the worker is replaced", now - unhealthy_since)
+            exit(1)
+            return
+
+
+def with_default_local_port(argv: list[str]) -> list[str]:
+    if "--rp_serve_api" in argv and not any(a.startswith("--rp_api_port") for a in argv):
+        return [*argv, "--rp_api_port", DEFAULT_LOCAL_API_PORT]
+    return argv
+
+
+def main() -> None:
+    import runpod
+
+    logging.basicConfig(level=logging.INFO)
+    settings = load_settings(forward_engine_args=False)
+    router = connect(settings)
+    threading.Thread(
+        target=watch_health, args=(settings.UNHEALTHY_EXIT_SECONDS,), daemon=True, name="health-watch"
+    ).start()
+    sys.argv = with_default_local_port(sys.argv)
+    runpod.serverless.start({
+        "handler": make_handler(router),
+        "return_aggregate_stream": True,
+        "concurrency_modifier": lambda _current: settings.MAX_CONCURRENCY,
+    })

@@ -1,0 +1,54 @@
+"""Shared test fixtures: one local Ray cluster on loopback for the whole session, the tiny model,
+and Serve apps started once and shared by many tests (each engine start costs 30-90 s here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Loopback only: Ray otherwise moves to the eth0 address, and vLLM's message queue too.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.apps import TestApps  # noqa: E402
+from tests.tiny_model import tiny_llama_path  # noqa: E402
+
+CACHE_ROOT = Path(os.environ.get("TEST_CACHE_DIR", Path.home() / ".cache" / "ray-vllm-serve" / "tests"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return tiny_llama_path(CACHE_ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def apps():
+    """The session's Ray cluster and Serve instance; apps start on first use and stay up."""
+    registry = TestApps()
+    yield registry
+    registry.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_app(apps: TestApps, tiny_model: Path):
+    """The tiny model, TP=1: most OpenAI-route and native-job tests share it."""
+    return apps.start("tiny", {
+        "MODEL_NAME": str(tiny_model),
+        "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "tiny",
+        "MAX_MODEL_LEN": 512,
+        "MAX_CONCURRENCY": 32,
+        "MAX_QUEUED_REQUESTS": 32,
+    })

@@ -1,0 +1,123 @@
+"""OpenAI routes against a real Serve app (router + vLLM engine on CPU), with the official client."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "the capital of france"}]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_app):
+    return tiny_app
+
+
+def test_models_lists_the_served_name_on_both_prefixes(app):
+    for prefix in ("/v1", "/openai/v1"):
+        models = app.client(prefix).models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_streaming_chat_reassembles_to_the_non_streaming_text(app, tiny_tokenizer):
+    client = app.client()
+    full = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, temperature=0, max_tokens=24, extra_body={"ignore_eos": True}
+    )
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == full.choices[0].message.content
+    assert full.usage.completion_tokens == 24 and usage.completion_tokens == 24
+    prompt_ids = tiny_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    if hasattr(prompt_ids, "keys"):
+        prompt_ids = prompt_ids["input_ids"]
+    assert full.usage.prompt_tokens == len(prompt_ids) == usage.prompt_tokens
+
+
+def test_streaming_completion_matches_and_prefixes_agree(app, tiny_tokenizer):
+    texts = []
+    for prefix in ("/v1", "/openai/v1"):
+        client = app.client(prefix)
+        full = client.completions.create(model="tiny", prompt="the quick brown fox", temperature=0, max_tokens=20)
+        streamed = "".join(
+            c.choices[0].text for c in client.completions.create(
+                model="tiny", prompt="the quick brown fox", temperature=0, max_tokens=20, stream=True
+            ) if c.choices
+        )
+        assert streamed == full.choices[0].text
+        assert full.usage.prompt_tokens == len(tiny_tokenizer("the quick brown fox")["input_ids"])
+        texts.append(full.choices[0].text)
+    assert texts[0] == texts[1]
+
+
+def test_unknown_model_is_a_404_envelope(app):
+    with pytest.raises(openai.NotFoundError) as err:
+        app.client().chat.completions.create(model="nope", messages=MESSAGES, max_tokens=2)
+    error = err.value.body
+    assert set(error) >= {"message", "type", "param", "code"} and error["code"] == 404
+    assert "nope" in error["message"]
+
+
+def test_prompt_longer_than_max_model_len_is_a_400_envelope(app):
+    with pytest.raises(openai.BadRequestError) as err:
+        app.client().completions.create(model="tiny", prompt="fox " * 2000, max_tokens=2)
+    assert err.value.status_code == 400
+    assert err.value.body["code"] == 400 and "512" in err.value.body["message"]
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"{not json", "application/json"),
+    (b'{"model": "tiny", "messages": "hello"}', "application/json"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}', "application/json"),
+])
+def test_bad_bodies_are_400_envelopes(app, body, content_type):
+    with app.http() as http:
+        response = http.post("/v1/chat/completions", content=body, headers={"content-type": content_type})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == 400 and error["message"]
+
+
+def test_unknown_route_is_a_404_envelope(app):
+    with app.http() as http:
+        response = http.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "NotFoundError"
+
+
+def test_request_id_is_echoed_or_created(app):
+    body = {"model": "tiny", "prompt": "fox", "max_tokens": 2}
+    with app.http() as http:
+        given = http.post("/v1/completions", json=body, headers={"x-request-id": "my-id-123"})
+        made = http.post("/v1/completions", json=body)
+    assert given.headers["x-request-id"] == "my-id-123"
+    assert given.json()["id"].endswith("my-id-123")
+    assert made.headers.get("x-request-id")
+
+
+def test_health_answers_once_the_engine_serves(app):
+    with app.http() as http:
+        assert http.get("/health").status_code == 200
+
+
+def test_sse_stream_is_well_formed(app):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{app.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(response.iter_bytes())
+    events = [e for e in raw.split(b"\n\n") if e.strip()]
+    assert events[-1] == b"data: [DONE]"
+    for event in events[:-1]:
+        assert event.startswith(b"data: ")
+        json.loads(event[6:])
