@@ -13,7 +13,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU := torch==2.13.0+cpu
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: install serve test bench lint docs clean
+.PHONY: install serve test bench bench-install lint docs clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -33,7 +33,19 @@ serve: install
 test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
-bench: install
+# The benchmark's extras (Ray Serve LLM's requirements by name, matplotlib), pinned so the engine
+# stack stays what `install` put in .venv; then a check that vLLM and transformers still import.
+BENCH_STAMP := $(VENV)/.bench-installed-$(ACCEL)
+BENCH_CONSTRAINTS := bench/constraints$(if $(filter gpu,$(ACCEL)),-gpu,).txt
+bench-install: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP) bench/requirements-rayllm.txt bench/constraints.txt bench/constraints-gpu.txt
+	$(PIP) install -q -r bench/requirements-rayllm.txt -c $(BENCH_CONSTRAINTS)
+	@if [ "$(ACCEL)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	$(VPY) -c "import vllm, transformers, matplotlib"
+	@touch $@
+
+bench: bench-install
 	$(VPY) -m bench $(BENCH_ARGS)
 
 lint: install

