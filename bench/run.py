@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="concurrency 1,16, 2 repeats, fewer requests")
     p.add_argument("--smoke", action="store_true",
                    help="bare vLLM and our app only, one concurrency (4), 16 requests, 1 repeat")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (latest.json/.md/.png, logs/)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="output folder (latest.json/.md/.png; raw/: server and client logs)")
     p.add_argument("--cache-root", type=Path, default=None,
                    help="where the tiny model is built (default ~/.cache/ray-vllm-serve/bench)")
     p.add_argument("--port-base", type=int, default=8310, help="first port tried for the servers (loopback)")
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-worker-niceness", type=int, default=None,
                    help="RAY_worker_niceness for the Ray-based systems (default: Ray's own, 15, as users run "
                         "it; bare vLLM runs at nice 0)")
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds of quiet before every measurement (default 2; smoke 1): an engine busy-spins "
+                        "up to ~1 s after its last request, which would land on the next system's run")
     p.add_argument("--no-chrt", action="store_true", help="run the load client at normal priority")
     args = p.parse_args(argv)
 
@@ -90,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = [m.strip() for m in (args.modes or f"{STREAM},{NONSTREAM},{NATIVE}").split(",") if m.strip()]
     if args.requests is None:
         args.requests = defaults["requests"]
+    if args.settle is None:
+        args.settle = 1.0 if args.smoke else 2.0
     for s in args.systems:
         if s not in (BARE, OURS, RAYLLM):
             p.error(f"unknown system {s!r}")
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[key] = value
     os.environ.pop("RAY_ADDRESS", None)
     out: Path = args.out
-    logs = out / "logs"
+    logs = out / "raw"  # git-ignored (bench/results/raw/)
     logs.mkdir(parents=True, exist_ok=True)
     started_at = dt.datetime.now().astimezone()
     print(f"[bench] {started_at:%Y-%m-%d %H:%M:%S %Z}; results in {out}", flush=True)
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "model": model, "served_model_name": "tiny", "max_model_len": MAX_MODEL_LEN,
             "max_num_seqs": MAX_NUM_SEQS, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
-            "ignore_eos": True, "concurrency": args.concurrency, "repeats": args.repeats,
+            "ignore_eos": True, "concurrency": args.concurrency, "repeats": args.repeats, "settle_s": args.settle,
             "requests": {str(c): requests_for(args, c) for c in args.concurrency},
             "modes": modes, "systems": systems, "smoke": args.smoke, "quick": args.quick,
             "ray_worker_niceness": args.ray_worker_niceness if args.ray_worker_niceness is not None
@@ -333,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = requests_for(args, concurrency)
                 for mode in modes:
                     for position, (system, load_mode) in enumerate(point_sequence(mode, systems, repeat)):
+                        time.sleep(args.settle)
                         r = client.run(command_for(servers[system], load_mode, concurrency, n))
                         results["runs"].append({
                             "seq": seq_no, "repeat": repeat, "concurrency": concurrency, "point_mode": mode,

@@ -21,6 +21,11 @@ class Accelerator(str, Enum):
     CPU = "cpu"
 
 
+class LogFormat(str, Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class PlacementStrategy(str, Enum):
     STRICT_PACK = "STRICT_PACK"
     PACK = "PACK"
@@ -113,6 +118,14 @@ class Settings(BaseModel):
     API_KEY: SecretStr | None = _field(
         None, "API key(s), comma-separated. When set, /v1 and /openai/v1 need `Authorization: Bearer KEY`.",
         INGRESS,
+    )
+    MAX_REQUEST_BYTES: int = _field(
+        8 * 1024 * 1024, "Largest request body (bytes) the ingress reads; larger: 400 naming `body`.", INGRESS, ge=1024
+    )
+    MAX_N: int = _field(128, "Largest `n` (choices per request).", INGRESS, ge=1)
+    MAX_MESSAGES: int = _field(2048, "Most `messages` in one chat request.", INGRESS, ge=1)
+    LOG_FORMAT: LogFormat = _field(
+        LogFormat.TEXT, "Request log lines: `text` or `json` (one line per request; never prompt text).", INGRESS
     )
     RAY_ADDRESS: str | None = _field(
         None, "Ray cluster to join (`auto`, `ray://...`); unset: `make serve` starts a local one.", SCALING

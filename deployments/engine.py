@@ -4,6 +4,7 @@ called in-process. Request semantics are exactly `vllm serve`'s; what is ours li
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from ray import serve
 from configs.engine_args import cpu_thread_binding, vllm_cli_args
 from configs.settings import Accelerator, Settings
 from deployments.asgi_bridge import ResponseHead, stream_asgi
+from deployments.errors import envelope
 
 logger = logging.getLogger("ray.serve")
 
@@ -91,6 +93,13 @@ class EngineServer:
         """One OpenAI request through vLLM's server app: a ResponseHead, then body bytes."""
         items = stream_asgi(self._app, method, path, headers, body)
         status, response_headers, first_part, more = await items.__anext__()
+        if status >= 500 and not more and self._engine.errored:
+            # vLLM reports a dead engine as a 500; to the caller it is a retryable 503: Serve's
+            # health check is replacing this replica, and other replicas keep serving.
+            status, first_part = 503, json.dumps(envelope(
+                "The engine died; its replica is being replaced. Retry the request.",
+                "ServiceUnavailableError", 503,
+            )).encode()
         # Which replica answered: for operators reading logs, and for tests of replica spread.
         yield status, [*response_headers, self._replica_header], first_part, more
         async for item in items:

@@ -29,7 +29,9 @@ NATIVE_KEYS = frozenset({
     "prompt", "messages", "apply_chat_template", "sampling_params", "stream",
     "max_batch_size", "min_batch_size", "batch_size_growth_factor",
 })
-OPENAI_KEYS = frozenset({"openai_route", "openai_input", "max_batch_size", "min_batch_size", "batch_size_growth_factor"})
+OPENAI_KEYS = frozenset({
+    "openai_route", "openai_input", "max_batch_size", "min_batch_size", "batch_size_growth_factor",
+})
 # Request fields the native format sets itself: not sampling parameters.
 RESERVED_FIELDS = frozenset({
     "messages", "prompt", "model", "stream", "stream_options", "return_token_ids", "request_id",

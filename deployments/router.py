@@ -28,6 +28,7 @@ from deployments.errors import (
     sse_error_event,
 )
 from deployments.limiter import AdmissionLimiter
+from deployments.limits import RequestLimits, check_request, check_size, parse_body
 from deployments.native import (
     BatchPolicy,
     GenerationFailed,
@@ -37,6 +38,7 @@ from deployments.native import (
     normalize_job,
     split_sse,
 )
+from deployments.observability import RequestObserver, RequestRecord, RouterMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +57,34 @@ app = FastAPI(
     title="ray-vllm-serve",
     description="vLLM on Ray Serve: OpenAI-compatible API (also under /openai/v1).",
 )
+
+
+def _openapi_with_request_models() -> dict[str, Any]:
+    """The routes pass request bytes through, so FastAPI can't see their models: declare vLLM's
+    chat and completion request models (the real contract) in the schema clients and fuzzers read."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for route, model in (("/chat/completions", ChatCompletionRequest), ("/completions", CompletionRequest)):
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(model_schema.pop("$defs", {}))
+        components[model.__name__] = model_schema
+        for prefix in PREFIXES:
+            operation = schema["paths"][prefix + route]["post"]
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+    app.openapi_schema = schema
+    return schema
+
+
+app.openapi = _openapi_with_request_models
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -102,6 +132,10 @@ class Router:
             settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_MIN_BATCH_SIZE, settings.DEFAULT_BATCH_SIZE_GROWTH_FACTOR
         )
         self._chat_fields, self._completion_fields = openai_request_fields()
+        self._limits = RequestLimits(
+            settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN
+        )
+        self._observer = RequestObserver(settings.LOG_FORMAT, RouterMetrics(), self._limiter)
 
     # --- HTTP routes ------------------------------------------------------------------------------
     @app.get("/health")
@@ -141,18 +175,43 @@ class Router:
         if not matched:
             raise Unauthorized("Missing or invalid API key: send `Authorization: Bearer <API_KEY>`")
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, never more than MAX_REQUEST_BYTES of it in memory."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit():
+            check_size(int(declared), self._limits)
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            check_size(size, self._limits)
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _admit(self, body: bytes) -> None:
+        """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
+        check_request(parse_body(body), self._limits)
+        await self._limiter.acquire()
+
+    def _fail(self, exc: BaseException, record: RequestRecord) -> JSONResponse:
+        response = error_response(exc, record.request_id)
+        record.status = response.status_code
+        if 400 <= record.status < 500:
+            self._observer.rejected({401: "unauthorized", 429: "overloaded"}.get(record.status, "invalid"))
+        self._observer.finish(record)
+        return response
+
     async def _forward(self, request: Request, path: str, *, generation: bool) -> Response:
-        request_id = current_request_id(request)
+        record = RequestRecord(current_request_id(request), path)
         try:
             self._authorize(request.headers.get("authorization"))
-            body = await request.body()
+            body = await self._read_body(request)
             if generation:
-                await self._limiter.acquire()
+                await self._admit(body)
         except Exception as exc:
-            return error_response(exc, request_id)
+            return self._fail(exc, record)
         headers = [
             ("content-type", request.headers.get("content-type", "application/json")),
-            (REQUEST_ID_HEADER, request_id),
+            (REQUEST_ID_HEADER, record.request_id),
         ]
         try:
             stream = self._engine_http.remote(request.method, path, headers, body)
@@ -165,41 +224,50 @@ class Router:
                 self._limiter.release()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return error_response(exc, request_id)
+            return self._fail(exc, record)
+        record.status = status
+        record.saw_first_byte()
         engine_headers = dict(engine_headers)
         response_headers = {k: engine_headers[k] for k in PASSED_HEADERS if k in engine_headers}
         if not more:
             if generation:
                 self._limiter.release()
+            record.read_usage(first_part)
+            self._observer.finish(record)
             media_type = engine_headers.get("content-type", "application/json")
             return Response(first_part, status_code=status, media_type=media_type, headers=response_headers)
         return StreamingResponse(
-            self._relay(stream, first_part, request_id, generation),
+            self._relay(stream, first_part, record, generation),
             status_code=status,
             media_type="text/event-stream",
             headers=response_headers,
         )
 
-    async def _relay(self, stream: Any, first_part: bytes, request_id: str, generation: bool) -> AsyncIterator[bytes]:
+    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool
+                     ) -> AsyncIterator[bytes]:
         """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
         try:
+            record.count_stream_part(first_part)
             yield first_part
             async for part in stream:
+                record.count_stream_part(part)
                 yield part
         except Exception as exc:
-            logger.warning("stream %s failed: %s: %s", request_id, type(exc).__name__, exc)
+            logger.warning("stream %s failed: %s: %s", record.request_id, type(exc).__name__, exc)
+            record.status = error_body(exc)[0]
             yield sse_error_event(exc)
         finally:
             # Client gone or stream done: cancelling the handle call aborts the request in the engine.
             stream.cancel()
             if generation:
                 self._limiter.release()
-
+            self._observer.finish(record)
 
     # --- RunPod jobs (called through this deployment's handle by the RunPod worker) ----------------
     async def native(self, job_input: Any, job_id: str) -> AsyncIterator[Any]:
         """One RunPod job: worker-vllm's native input or an openai_route job. Yields worker-vllm's
         output shapes; a failure is one final `{"error": message}` (the worker marks the job FAILED)."""
+        record = RequestRecord(job_id, "runpod")
         try:
             job = normalize_job(
                 job_input,
@@ -210,16 +278,22 @@ class Router:
             )
             generation = job.method == "POST"
             if generation:
+                check_size(len(json.dumps(job.body)), self._limits)
+                check_request(job.body, self._limits)
                 await self._limiter.acquire()
         except Exception as exc:
+            self._fail(exc, record)
             yield {"error": error_body(exc)[1]["error"]["message"]}
             return
         stream = None
+        record.status = 200
         try:
             body = json.dumps(job.body).encode() if job.body is not None else b""
             headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, job_id)]
             stream = self._engine_http.remote(job.method, job.route, headers, body)
             status, _, first_part, more = await stream.__anext__()
+            record.status = status
+            record.saw_first_byte()
             if status >= 400:
                 yield {"error": _error_message(first_part)}
                 return
@@ -231,17 +305,22 @@ class Router:
                         yield events
                 return
             async for output in _native_outputs(job, first_part, stream):
+                record.tokens = output.get("usage", {}).get("output", record.tokens)
+                record.chunks += 1
                 yield output
         except GenerationFailed as exc:
+            record.status = 500
             yield {"error": str(exc)}
         except Exception as exc:
             logger.warning("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
+            record.status = error_body(exc)[0]
             yield {"error": error_body(exc)[1]["error"]["message"]}
         finally:
             if stream is not None:
                 stream.cancel()
             if generation:
                 self._limiter.release()
+            self._observer.finish(record)
 
 
 def openai_request_fields() -> tuple[frozenset[str], frozenset[str]]:

@@ -69,7 +69,7 @@ class TestApps:
         return app
 
     def stop(self, name: str) -> None:
-        if self.running.pop(name, None) is not None:
+        if self.running.pop(name, None) is not None and name in serve.status().applications:
             serve.delete(name)
 
     def shutdown(self) -> None:

@@ -1,0 +1,85 @@
+"""Request limits the ingress enforces before a request reaches an engine: body size, `n`,
+`messages`, `max_tokens` against the context. Each violation is a 400 naming the field. Pure."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from deployments.errors import ClientError
+
+
+ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_body_bytes: int
+    max_n: int
+    max_messages: int
+    max_model_len: int | None
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise ClientError("the request body is not UTF-8", "body") from None
+    except ValueError as exc:
+        raise ClientError(f"the request body is not valid JSON: {exc}", "body") from None
+    if not isinstance(payload, dict):
+        raise ClientError("the request body must be a JSON object", "body")
+    return payload
+
+
+def _int_field(payload: dict[str, Any], name: str) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ClientError(f"`{name}` must be an integer", name)
+    return value
+
+
+def check_request(payload: dict[str, Any], limits: RequestLimits) -> None:
+    """Limits on a chat or completion request body (vLLM's own validation runs after these)."""
+    n = _int_field(payload, "n")
+    if n is not None and not 1 <= n <= limits.max_n:
+        raise ClientError(f"`n` must be between 1 and {limits.max_n} (MAX_N), got {n}", "n")
+    best_of = payload.get("best_of")
+    if best_of is not None and best_of != (n or 1):
+        # An OpenAI field vLLM 0.32's server no longer has (it would ignore it silently).
+        raise ClientError(
+            "`best_of` is not supported on this route by vLLM 0.32; RunPod native jobs support it", "best_of"
+        )
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > limits.max_messages:
+            raise ClientError(
+                f"`messages` has {len(messages)} entries; at most {limits.max_messages} (MAX_MESSAGES)", "messages"
+            )
+        for i, message in enumerate(messages):
+            # Which roles exist is the chat template's business (vLLM passes custom roles to it, as
+            # `vllm serve` does); a role that is not a name at all is refused here.
+            role = message.get("role") if isinstance(message, dict) else None
+            if isinstance(message, dict) and not (isinstance(role, str) and ROLE_NAME.fullmatch(role)):
+                raise ClientError(f"`messages[{i}].role` must be a role name, got {role!r}", f"messages[{i}].role")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = _int_field(payload, name)
+        if value is None:
+            continue
+        if value < 1:
+            raise ClientError(f"`{name}` must be >= 1, got {value}", name)
+        if limits.max_model_len is not None and value > limits.max_model_len:
+            raise ClientError(
+                f"`{name}` ({value}) exceeds the model's context length ({limits.max_model_len})", name
+            )
+
+
+def check_size(length: int, limits: RequestLimits) -> None:
+    if length > limits.max_body_bytes:
+        raise ClientError(
+            f"the request body exceeds {limits.max_body_bytes} bytes (MAX_REQUEST_BYTES)", "body"
+        )

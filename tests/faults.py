@@ -1,0 +1,77 @@
+"""Killing engines for fault tests: the replica actor (ray.kill) or vLLM's engine process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import ray
+from ray import serve
+
+
+def replica_actor_name(app: str, replica_id: str) -> str:
+    return f"SERVE_REPLICA::{app}#EngineServer#{replica_id}"
+
+
+def kill_replica_actor(app: str, replica_id: str) -> None:
+    ray.kill(ray.get_actor(replica_actor_name(app, replica_id), namespace="serve"), no_restart=True)
+
+
+def kill_engine_process(app: str, replica_id: str) -> int:
+    """SIGKILL the vLLM EngineCore process under a replica (the replica actor itself survives)."""
+    actor = ray.get_actor(replica_actor_name(app, replica_id), namespace="serve")
+    pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
+    children = psutil.Process(pid).children(recursive=True)
+    cores = [p for p in children if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+    target = cores[0] if cores else children[0]
+    os.kill(target.pid, signal.SIGKILL)
+    return target.pid
+
+
+def running_replicas(app: str) -> int:
+    status = serve.status().applications[app].deployments["EngineServer"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout} s")
+
+
+def open_stream(base_url: str, headers: dict, max_tokens: int):
+    """A streaming completion opened and read up to its first event: (client, response, lines)."""
+    client = httpx.Client(timeout=httpx.Timeout(30.0))
+    body = {"model": "tiny", "prompt": "fox", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    request = client.build_request("POST", f"{base_url}/v1/completions", json=body, headers=headers)
+    response = client.send(request, stream=True)
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("data: "):
+            break
+    return client, response, lines
+
+
+def drain(lines) -> tuple[int, dict | None, bool]:
+    """Reads a stream to its end: (text events, error payload if any, saw [DONE])."""
+    events, error, done = 0, None, False
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            done = True
+            continue
+        payload = json.loads(data)
+        if "error" in payload:
+            error = payload["error"]
+        else:
+            events += 1
+    return events, error, done

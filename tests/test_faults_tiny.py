@@ -1,0 +1,67 @@
+"""Client disconnects and engine death on the single-replica tiny app: the engine aborts what nobody
+reads, callers see errors (never a hang), and the service recovers by itself."""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from tests.faults import drain, kill_engine_process, open_stream, wait_until
+
+
+@pytest.fixture(scope="module")
+def app(tiny_app):
+    return tiny_app
+
+
+def engine_running(app) -> int:
+    return serve.get_deployment_handle("EngineServer", app.name).running_requests.remote().result()
+
+
+def test_client_disconnect_aborts_the_request_in_the_engine(app):
+    client, response, _ = open_stream(app.base_url, {}, max_tokens=480)
+    assert engine_running(app) == 1
+    response.close()
+    client.close()
+    aborted_in = wait_until(lambda: engine_running(app) == 0, timeout=5, interval=0.1)
+    print(f"\n[faults] disconnect -> engine abort in {aborted_in:.2f} s")
+
+
+def test_engine_process_death_fails_in_flight_requests_and_the_app_recovers(app):
+    client, response, lines = open_stream(app.base_url, {}, max_tokens=480)
+    replica = response.headers["x-engine-replica"]
+    with futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{app.base_url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "fox", "max_tokens": 480, "ignore_eos": True})
+        time.sleep(0.3)
+        killed_at = time.monotonic()
+        kill_engine_process(app.name, replica)
+        events, error, done = drain(lines)  # must end, not hang (30 s read timeout)
+        ended_in = time.monotonic() - killed_at
+        non_streaming = pending.result()
+    client.close()
+    assert error is not None, "the stream ended without an error event"
+    assert ended_in < 10
+    assert non_streaming.status_code in (500, 503)
+    assert non_streaming.json()["error"]["code"] == non_streaming.status_code
+    # While the replica is being replaced, callers get a 503 envelope, not a hang.
+    during = httpx.post(f"{app.base_url}/v1/completions", timeout=60,
+                        json={"model": "tiny", "prompt": "fox", "max_tokens": 2})
+    assert during.status_code in (200, 503), during.text
+
+    def serves() -> bool:
+        try:
+            r = httpx.post(f"{app.base_url}/v1/completions", timeout=30,
+                           json={"model": "tiny", "prompt": "fox", "max_tokens": 2})
+            return r.status_code == 200 and r.headers.get("x-engine-replica") != replica
+        except httpx.HTTPError:
+            return False
+
+    recovered_in = wait_until(serves, timeout=240, interval=2)
+    print(f"\n[faults] engine process killed: stream ended in {ended_in:.1f} s, "
+          f"service recovered in {recovered_in + ended_in:.0f} s")
+    assert httpx.get(f"{app.base_url}/health", timeout=10).status_code == 200

@@ -1,0 +1,338 @@
+"""Limits, backpressure, API keys, bad input, faults and graceful shutdown, on a real Serve app with
+two tiny-model engine replicas: nothing lost, nobody unauthorised."""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import glob
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from tests.apps import TestApps
+
+KEYS = ("key-one-3f9a", "key-two-77c1")
+AUTH = {"authorization": f"Bearer {KEYS[1]}"}
+APP = "guarded"
+
+
+@pytest.fixture(scope="module")
+def app(apps: TestApps, tiny_model):
+    running = apps.start(APP, {
+        "MODEL_NAME": str(tiny_model),
+        "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "tiny",
+        "MAX_MODEL_LEN": 512,
+        "NUM_REPLICAS": 2,
+        "MAX_CONCURRENCY": 4,
+        "MAX_QUEUED_REQUESTS": 4,
+        "API_KEY": ",".join(KEYS),
+        "MAX_N": 4,
+        "MAX_MESSAGES": 8,
+        "MAX_REQUEST_BYTES": 4096,
+        "LOG_FORMAT": "json",
+    })
+    yield running
+    apps.stop(APP)
+
+
+def session_logs() -> str:
+    """This cluster's log folder (other Ray clusters on the machine move /tmp/ray/session_latest)."""
+    return f"{ray._private.worker._global_node.get_session_dir_path()}/logs"
+
+
+def chat_body(**extra):
+    return {"model": "tiny", "messages": [{"role": "user", "content": "fox"}], "max_tokens": 4, **extra}
+
+
+def post(app, path, body=None, headers=AUTH, content=None, timeout=120):
+    with httpx.Client(base_url=app.base_url, timeout=timeout) as http:
+        return http.post(path, json=body if content is None else None, content=content, headers=headers)
+
+
+def assert_envelope(response, status):
+    assert response.status_code == status, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
+    return error
+
+
+# --- API keys ---------------------------------------------------------------------------------------
+
+def test_api_key_missing_wrong_and_right(app):
+    assert_envelope(post(app, "/v1/chat/completions", chat_body(), headers={}), 401)
+    assert_envelope(post(app, "/openai/v1/chat/completions", chat_body(),
+                         headers={"authorization": "Bearer nope"}), 401)
+    with httpx.Client(base_url=app.base_url, timeout=60) as http:
+        assert_envelope(http.get("/v1/models"), 401)
+        assert http.get("/health").status_code == 200  # health stays open
+        for key in KEYS:
+            models = http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+            assert models.status_code == 200
+            assert not any(k in models.text for k in KEYS)
+    reply = app.client(api_key=KEYS[0]).chat.completions.create(model="tiny", messages=chat_body()["messages"],
+                                                               max_tokens=3)
+    assert reply.choices[0].message.content is not None
+
+
+def test_api_keys_never_reach_the_logs(app):
+    test_api_key_missing_wrong_and_right(app)
+    session_dir = session_logs()
+    texts = []
+    for path in glob.glob(f"{session_dir}/**/*", recursive=True):
+        try:
+            with open(path, errors="replace") as f:
+                texts.append(f.read())
+        except (IsADirectoryError, PermissionError, FileNotFoundError):
+            continue
+    blob = "\n".join(texts)
+    assert "llm_router" in blob or "Router" in blob  # the logs were really read
+    assert not any(key in blob for key in KEYS)
+
+
+def test_one_json_log_line_per_request_without_prompt_text(app):
+    marker = f"secret-prompt-{uuid.uuid4().hex[:8]}"
+    request_id = f"log-{uuid.uuid4().hex[:8]}"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": marker}], "max_tokens": 3}
+    assert post(app, "/v1/chat/completions", body, headers={**AUTH, "x-request-id": request_id}).status_code == 200
+    deadline = time.monotonic() + 10
+    lines = []
+    while time.monotonic() < deadline and not lines:
+        lines = [line for path in glob.glob(f"{session_logs()}/serve/replica_{APP}_Router_*.log")
+                 for line in open(path, errors="replace") if request_id in line and "latency_ms" in line]
+        time.sleep(0.5)
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0][lines[0].index("{"):])
+    assert record["route"] == "/v1/chat/completions" and record["status"] == 200
+    assert record["tokens"] == 3 and record["latency_ms"] > 0
+    blob = "".join(open(p, errors="replace").read() for p in glob.glob(f"{session_logs()}/serve/*.log"))
+    assert marker not in blob
+
+
+# --- replicas -----------------------------------------------------------------------------------------
+
+def test_requests_reach_both_replicas(app):
+    seen = set()
+    for _ in range(30):
+        response = post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "max_tokens": 1})
+        assert response.status_code == 200
+        seen.add(response.headers["x-engine-replica"])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2
+
+
+# --- backpressure -------------------------------------------------------------------------------------
+
+def _stream(app, max_tokens):
+    started = time.monotonic()
+    body = {"model": "tiny", "prompt": "fox", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, headers=AUTH, timeout=300) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, time.monotonic() - started, r.headers.get("retry-after"), r.json()
+        usage = None
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"usage"' in line:
+                usage = json.loads(line[6:]).get("usage") or usage
+        return 200, time.monotonic() - started, None, usage
+
+
+def test_over_the_limit_requests_get_a_fast_429_and_accepted_ones_complete(app):
+    sent = 16  # 4 x MAX_CONCURRENCY
+    with futures.ThreadPoolExecutor(sent) as pool:
+        results = list(pool.map(lambda _: _stream(app, 300), range(sent)))
+    accepted = [r for r in results if r[0] == 200]
+    rejected = [r for r in results if r[0] == 429]
+    assert len(accepted) + len(rejected) == sent
+    assert len(accepted) >= 8  # 4 in flight + 4 queued
+    assert rejected, "nothing was rejected: the limit did not hold"
+    for _, elapsed, retry_after, body in rejected:
+        assert elapsed < 1.0 and retry_after and body["error"]["code"] == 429
+    for _, _, _, usage in accepted:
+        assert usage and usage["completion_tokens"] == 300
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+BAD_HTTP = [
+    ("/v1/chat/completions", b"{not json", "application/json"),
+    ("/v1/chat/completions", b"", "application/json"),
+    ("/v1/chat/completions", b"[]", "application/json"),
+    ("/v1/chat/completions", b"null", "application/json"),
+    ("/v1/chat/completions", b'"text"', "application/json"),
+    ("/v1/chat/completions", b"\xff\xfe\x00garbage", "application/json"),
+    ("/v1/chat/completions", json.dumps(chat_body()).encode(), "text/plain"),
+    ("/v1/chat/completions", json.dumps(chat_body()).encode() + b" " * 5000, "application/json"),
+    ("/v1/completions", b"{bad", "application/json"),
+    ("/v1/completions", b"x" * 10000, "application/json"),
+]
+BAD_CHAT = [
+    {"model": "tiny"},
+    {"model": "tiny", "messages": "hello"},
+    {"model": "tiny", "messages": [{"content": "no role"}]},
+    {"model": "tiny", "messages": [{"role": "", "content": "hi"}]},
+    {"model": "tiny", "messages": [{"role": 7, "content": "hi"}]},
+    {"model": "tiny", "messages": [{"role": "user; DROP TABLE", "content": "hi"}]},
+    {"model": "tiny", "messages": [{"role": "user", "content": 5}]},
+    {"model": "tiny", "messages": [1, 2]},
+    {"model": "tiny", "messages": MESSAGES * 9},
+    {"model": "tiny", "messages": MESSAGES, "n": 0},
+    {"model": "tiny", "messages": MESSAGES, "n": 99},
+    {"model": "tiny", "messages": MESSAGES, "n": "two"},
+    {"model": "tiny", "messages": MESSAGES, "max_tokens": -1},
+    {"model": "tiny", "messages": MESSAGES, "max_tokens": 0},
+    {"model": "tiny", "messages": MESSAGES, "max_tokens": 10**12},
+    {"model": "tiny", "messages": MESSAGES, "max_tokens": "many"},
+    {"model": "tiny", "messages": MESSAGES, "max_tokens": True},
+    {"model": "tiny", "messages": MESSAGES, "max_completion_tokens": 999999},
+    {"model": "tiny", "messages": MESSAGES, "temperature": -3},
+    {"model": "tiny", "messages": MESSAGES, "temperature": "hot"},
+    {"model": "tiny", "messages": MESSAGES, "top_p": 7},
+    {"model": "tiny", "messages": MESSAGES, "top_k": "x"},
+    {"model": "tiny", "messages": MESSAGES, "presence_penalty": 99},
+    {"model": "tiny", "messages": MESSAGES, "frequency_penalty": -99},
+    {"model": "tiny", "messages": MESSAGES, "logprobs": [1]},
+    {"model": "tiny", "messages": MESSAGES, "top_logprobs": -1},
+    {"model": "tiny", "messages": MESSAGES, "stop": 5},
+    {"model": "tiny", "messages": MESSAGES, "stream": "maybe"},
+    {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "nonsense"}},
+    {"model": "tiny", "messages": MESSAGES, "tools": "not a list"},
+    {"model": "tiny", "messages": MESSAGES, "seed": "abc"},
+    {"model": "nope", "messages": MESSAGES},
+    {"model": "tiny", "messages": [{"role": "user", "content": "fox " * 3000}]},
+]
+BAD_COMPLETION = [
+    {"model": "tiny"},
+    {"model": "tiny", "prompt": 3.5},
+    {"model": "tiny", "prompt": "fox", "n": -2},
+    {"model": "tiny", "prompt": "fox", "max_tokens": -7},
+    {"model": "tiny", "prompt": "fox", "logprobs": 99},
+    {"model": "tiny", "prompt": "fox", "echo": "sure"},
+    {"model": "tiny", "prompt": "fox", "best_of": 0},
+    {"model": "tiny", "prompt": "fox " * 3000},
+    {"model": "nope", "prompt": "fox"},
+]
+BAD_JOBS = [
+    ({}, "prompt"), ("text", "input"), ({"prompt": "x", "stream": 1}, "stream"),
+    ({"prompt": ["a", "b"]}, "prompt"), ({"messages": "hi"}, "messages"), ({"messages": []}, "messages"),
+    ({"messages": [{"content": "x"}]}, "role"), ({"prompt": "x", "sampling_params": []}, "sampling_params"),
+    ({"prompt": "x", "sampling_params": {"n": 2, "best_of": 1}}, "best_of"),
+    ({"prompt": "x", "sampling_params": {"n": 9}}, "n"),
+    ({"prompt": "x", "sampling_params": {"max_tokens": -1}}, "max_tokens"),
+    ({"prompt": "x", "sampling_params": {"output_kind": 1}}, "output_kind"),
+    ({"prompt": "x", "max_batch_size": 0}, "max_batch_size"),
+    ({"prompt": "x", "batch_size_growth_factor": 0.5}, "batch_size_growth_factor"),
+    ({"openai_route": "/v1/nope"}, "openai_route"), ({"openai_route": 5}, "openai_route"),
+    ({"openai_route": "/v1/completions", "openai_input": "x"}, "openai_input"),
+    ({"openai_route": "/v1/completions", "openai_input": {"model": "nope", "prompt": "x"}}, "nope"),
+]
+
+
+def _envelope_problem(response) -> str | None:
+    if not 400 <= response.status_code < 500:
+        return f"status {response.status_code}: {response.text[:200]}"
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"no envelope: {response.text[:200]}"
+    if set(error) != {"message", "type", "param", "code"} or error["code"] != response.status_code:
+        return f"bad envelope: {error}"
+    return None
+
+
+def test_malformed_corpus_gets_4xx_envelopes_and_service_keeps_serving(app):
+    problems, cases = [], 0
+    for path, body, content_type in BAD_HTTP:
+        response = post(app, path, content=body, headers={**AUTH, "content-type": content_type})
+        if problem := _envelope_problem(response):
+            problems.append((path, body[:40], problem))
+        cases += 1
+    for route, bodies in (("/v1/chat/completions", BAD_CHAT), ("/v1/completions", BAD_COMPLETION)):
+        for body in bodies:
+            if problem := _envelope_problem(post(app, route, body)):
+                problems.append((route, json.dumps(body)[:120], problem))
+            cases += 1
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        for method, path in (("GET", "/v1/unknown"), ("DELETE", "/v1/models"), ("GET", "/v1/chat/completions")):
+            if problem := _envelope_problem(http.request(method, path, headers=AUTH)):
+                problems.append((method, path, problem))
+            cases += 1
+    native = serve.get_app_handle(APP).options(stream=True).native
+    for job_input, field in BAD_JOBS:
+        outputs = list(native.remote(job_input, uuid.uuid4().hex))
+        if not (len(outputs) == 1 and field in outputs[0].get("error", "")):
+            problems.append(("job", job_input, outputs))
+        cases += 1
+    assert not problems, "\n".join(map(str, problems))
+    assert cases >= 50
+    assert post(app, "/v1/chat/completions", chat_body()).status_code == 200
+
+
+def test_openapi_declares_the_request_models(app):
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        schema = http.get("/openapi.json").json()
+    for prefix in ("/v1", "/openai/v1"):
+        body = schema["paths"][f"{prefix}/chat/completions"]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
+    assert "messages" in schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
+
+
+# --- faults with two replicas, then graceful shutdown (the module's last tests) --------------------
+
+def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
+    from tests.faults import drain, kill_replica_actor, open_stream, running_replicas, wait_until
+
+    streams = {}
+    for _ in range(20):
+        client, response, lines = open_stream(app.base_url, AUTH, max_tokens=480)
+        replica = response.headers["x-engine-replica"]
+        if replica in streams:
+            response.close()
+            client.close()
+            continue
+        streams[replica] = (client, response, lines)
+        if len(streams) == 2:
+            break
+    assert len(streams) == 2, "could not open a stream on each replica"
+    victim, survivor = list(streams)
+    killed_at = time.monotonic()
+    kill_replica_actor(APP, victim)
+    _, victim_error, _ = drain(streams[victim][2])
+    victim_ended = time.monotonic() - killed_at
+    survivor_events, survivor_error, survivor_done = drain(streams[survivor][2])
+    for client, _, _ in streams.values():
+        client.close()
+    assert victim_error is not None and victim_error["code"] == 503
+    assert victim_ended < 10
+    assert survivor_error is None and survivor_done and survivor_events >= 470
+    # Meanwhile traffic continues on the healthy replica.
+    for _ in range(5):
+        response = post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        assert response.headers["x-engine-replica"] != victim
+    recovered_in = wait_until(lambda: running_replicas(APP) == 2, timeout=240, interval=2)
+    print(f"\n[faults] replica actor killed: its stream ended in {victim_ended:.1f} s; "
+          f"two replicas again after {recovered_in:.0f} s")
+
+
+def test_graceful_shutdown_lets_an_in_flight_stream_finish(app):
+    import threading
+
+    from tests.faults import drain, open_stream
+
+    client, response, lines = open_stream(app.base_url, AUTH, max_tokens=480)
+    deleting = threading.Thread(target=serve.delete, args=(APP,), daemon=True)
+    deleting.start()
+    events, error, done = drain(lines)
+    client.close()
+    deleting.join(120)
+    assert error is None and done and events >= 470, (events, error, done)
+    assert APP not in serve.status().applications
