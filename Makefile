@@ -13,10 +13,17 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU := torch==2.13.0+cpu
 STAMP := $(VENV)/.installed-$(ACCEL)
 
+# A dev box, the tests and the benchmark stay on loopback: Ray otherwise moves its node to the eth0
+# address, and vLLM's internal message queue too. (A multi-node cluster sets neither: docs/deployment.md.)
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export VLLM_HOST_IP ?= 127.0.0.1
+# vLLM's CPU build: KV cache size in GiB (ignored on GPUs).
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
 .PHONY: install serve test bench bench-install lint docs clean
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	@if [ "$(ACCEL)" = cpu ]; then \
 	  $(PIP) install -q "$(TORCH_CPU)" 2>/dev/null || \

@@ -71,9 +71,13 @@ class EngineServer:
 
             # The ray executor places its GPU workers on this replica's bundles.
             vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
         self._engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
+            # vLLM's engine metrics (vllm:*) through Ray's metrics export, beside the router's.
+            stat_loggers=[RayPrometheusStatLogger],
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
         )

@@ -10,7 +10,6 @@ from typing import Any
 
 from deployments.errors import ClientError
 
-
 ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
@@ -43,8 +42,14 @@ def _int_field(payload: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def check_request(payload: dict[str, Any], limits: RequestLimits) -> None:
-    """Limits on a chat or completion request body (vLLM's own validation runs after these)."""
+def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields: frozenset[str] = frozenset()) -> None:
+    """Limits on a chat or completion request body (vLLM's own validation runs after these).
+    `object_fields` are fields the request model types as objects: some of vLLM 0.32's validators
+    crash (a 500) on a list there instead of rejecting it."""
+    for name in object_fields:
+        value = payload.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ClientError(f"`{name}` must be an object, got {type(value).__name__}", name)
     n = _int_field(payload, "n")
     if n is not None and not 1 <= n <= limits.max_n:
         raise ClientError(f"`n` must be between 1 and {limits.max_n} (MAX_N), got {n}", "n")

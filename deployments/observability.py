@@ -20,27 +20,31 @@ _USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, application: str = "") -> None:
         from ray.util.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
             "llm_router_requests_total", "Requests the router answered, by route and status.",
-            tag_keys=("route", "status"),
+            tag_keys=("route", "status", "application"),
         )
         self.rejections = Counter(
             "llm_router_rejections_total", "Requests rejected before reaching an engine, by reason.",
-            tag_keys=("reason",),
+            tag_keys=("reason", "application"),
         )
         self.ttft = Histogram(
             "llm_router_ttft_seconds", "Time to the first response bytes (first token of a stream).",
-            boundaries=LATENCY_BUCKETS, tag_keys=("route",),
+            boundaries=LATENCY_BUCKETS, tag_keys=("route", "application"),
         )
         self.latency = Histogram(
             "llm_router_request_latency_seconds", "End-to-end request latency.",
-            boundaries=LATENCY_BUCKETS, tag_keys=("route",),
+            boundaries=LATENCY_BUCKETS, tag_keys=("route", "application"),
         )
-        self.in_flight = Gauge("llm_router_in_flight_requests", "Generation requests holding a slot.")
-        self.queued = Gauge("llm_router_queued_requests", "Requests waiting for a slot.")
+        self.in_flight = Gauge("llm_router_in_flight_requests", "Generation requests holding a slot.",
+                               tag_keys=("application",))
+        self.queued = Gauge("llm_router_queued_requests", "Requests waiting for a slot.", tag_keys=("application",))
+        # Several apps (or clusters' dashboards) may share one scrape: every series names its app.
+        for metric in (self.requests, self.rejections, self.ttft, self.latency, self.in_flight, self.queued):
+            metric.set_default_tags({"application": application})
 
 
 @dataclass
@@ -105,7 +109,10 @@ class RequestObserver:
         self.metrics.latency.observe(now - record.started, tags={"route": record.route})
         if record.first_byte is not None:
             self.metrics.ttft.observe(record.first_byte - record.started, tags={"route": record.route})
-        if self.limiter is not None:
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        if self.metrics is not None and self.limiter is not None:
             self.metrics.in_flight.set(self.limiter.in_flight)
             self.metrics.queued.set(self.limiter.queued)
 

@@ -132,10 +132,13 @@ class Router:
             settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_MIN_BATCH_SIZE, settings.DEFAULT_BATCH_SIZE_GROWTH_FACTOR
         )
         self._chat_fields, self._completion_fields = openai_request_fields()
+        self._object_fields = request_object_fields()
         self._limits = RequestLimits(
             settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN
         )
-        self._observer = RequestObserver(settings.LOG_FORMAT, RouterMetrics(), self._limiter)
+        self._observer = RequestObserver(
+            settings.LOG_FORMAT, RouterMetrics(serve.get_replica_context().app_name), self._limiter
+        )
 
     # --- HTTP routes ------------------------------------------------------------------------------
     @app.get("/health")
@@ -187,10 +190,11 @@ class Router:
             parts.append(part)
         return b"".join(parts)
 
-    async def _admit(self, body: bytes) -> None:
+    async def _admit(self, path: str, body: bytes) -> None:
         """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
-        check_request(parse_body(body), self._limits)
+        check_request(parse_body(body), self._limits, self._object_fields[path])
         await self._limiter.acquire()
+        self._observer.update_gauges()
 
     def _fail(self, exc: BaseException, record: RequestRecord) -> JSONResponse:
         response = error_response(exc, record.request_id)
@@ -206,7 +210,7 @@ class Router:
             self._authorize(request.headers.get("authorization"))
             body = await self._read_body(request)
             if generation:
-                await self._admit(body)
+                await self._admit(path, body)
         except Exception as exc:
             return self._fail(exc, record)
         headers = [
@@ -279,7 +283,7 @@ class Router:
             generation = job.method == "POST"
             if generation:
                 check_size(len(json.dumps(job.body)), self._limits)
-                check_request(job.body, self._limits)
+                check_request(job.body, self._limits, self._object_fields[job.route])
                 await self._limiter.acquire()
         except Exception as exc:
             self._fail(exc, record)
@@ -323,6 +327,30 @@ class Router:
             self._observer.finish(record)
 
 
+def object_fields(model: Any) -> frozenset[str]:
+    """Fields a pydantic request model types as an object (a nested model or a dict, maybe optional)."""
+    import dataclasses
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    def is_object(annotation: Any) -> bool:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            return bool(args) and all(is_object(a) for a in args)
+        if origin is typing.Annotated:
+            return is_object(typing.get_args(annotation)[0])
+        if origin is dict or annotation is dict:
+            return True
+        if not isinstance(annotation, type):
+            return False
+        return issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)
+
+    return frozenset(name for name, field in model.model_fields.items() if is_object(field.annotation))
+
+
 def openai_request_fields() -> tuple[frozenset[str], frozenset[str]]:
     """Fields vLLM's chat and completion requests accept (native sampling_params are checked
     against them, since vLLM's request models ignore unknown fields)."""
@@ -330,6 +358,14 @@ def openai_request_fields() -> tuple[frozenset[str], frozenset[str]]:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
     return frozenset(ChatCompletionRequest.model_fields), frozenset(CompletionRequest.model_fields)
+
+
+def request_object_fields() -> dict[str, frozenset[str]]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return {"/v1/chat/completions": object_fields(ChatCompletionRequest),
+            "/v1/completions": object_fields(CompletionRequest)}
 
 
 def _error_message(body: bytes) -> str:

@@ -80,6 +80,24 @@ def make_handler(router: DeploymentHandle):
     return handler
 
 
+def one_shot(handler):
+    """runpod's one-shot local test (`python -m handler` with test_input.json or --test_input) runs a
+    plain handler and would print an unconsumed generator: collect the outputs instead."""
+
+    async def run(job: dict[str, Any]) -> Any:
+        outputs = [output async for output in handler(job)]
+        errors = [o["error"] for o in outputs if isinstance(o, dict) and "error" in o]
+        return {"error": errors[-1]} if errors else outputs
+
+    return run
+
+
+def is_one_shot_local_test(argv: list[str]) -> bool:
+    from runpod.serverless.modules.worker_state import IS_LOCAL_TEST
+
+    return IS_LOCAL_TEST and "--rp_serve_api" not in argv
+
+
 def watch_health(deadline_s: float, status=_app_status, exit=os._exit, sleep=time.sleep) -> None:
     """Exit non-zero (the platform replaces the worker) only if the app stays unhealthy past the
     deadline; Serve replaces a dead engine replica on its own long before that."""
@@ -114,8 +132,9 @@ def main() -> None:
         target=watch_health, args=(settings.UNHEALTHY_EXIT_SECONDS,), daemon=True, name="health-watch"
     ).start()
     sys.argv = with_default_local_port(sys.argv)
+    handler = make_handler(router)
     runpod.serverless.start({
-        "handler": make_handler(router),
+        "handler": one_shot(handler) if is_one_shot_local_test(sys.argv) else handler,
         "return_aggregate_stream": True,
         "concurrency_modifier": lambda _current: settings.MAX_CONCURRENCY,
     })

@@ -47,8 +47,12 @@ class TestApps:
     __test__ = False
 
     def __init__(self) -> None:
+        from tests.workers import free_port
+
+        self.metrics_port = free_port()
         if not ray.is_initialized():
-            ray.init(num_cpus=LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=LOGICAL_CPUS, include_dashboard=False, log_to_driver=True,
+                     _metrics_export_port=self.metrics_port)
         serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
         self.running: dict[str, RunningApp] = {}
 

@@ -32,6 +32,12 @@ def kill_engine_process(app: str, replica_id: str) -> int:
     return target.pid
 
 
+def replica_ids(app: str) -> set[str]:
+    prefix = f"SERVE_REPLICA::{app}#EngineServer#"
+    return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)}
+
+
 def running_replicas(app: str) -> int:
     status = serve.status().applications[app].deployments["EngineServer"]
     return status.replica_states.get("RUNNING", 0)

@@ -285,10 +285,63 @@ def test_openapi_declares_the_request_models(app):
     assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
 
 
+def test_schemathesis_finds_no_server_error(app, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = Path(sys.executable).parent / "st"
+    done = subprocess.run(
+        [str(st), "run", f"{app.base_url}/openapi.json", "--url", app.base_url,
+         "--checks", "not_a_server_error", "--max-examples", "12", "--workers", "1", "--seed", "7",
+         "--phases", "examples,coverage,fuzzing", "--max-time", "150", "--no-color",
+         "--generation-database", "none", "-H", f"Authorization: {AUTH['authorization']}"],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "/v1/chat/completions" in done.stdout  # the request models really were fuzzed
+    assert post(app, "/v1/chat/completions", chat_body()).status_code == 200
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+def _scrape(apps) -> str:
+    return httpx.get(f"http://127.0.0.1:{apps.metrics_port}/metrics", timeout=10).text
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_router_and_engine_metrics_are_exported(app, apps):
+    name = "ray_llm_router_requests_total"
+    before = _sample(_scrape(apps), name, route="/v1/completions", status="200", application=APP)
+    for _ in range(3):
+        assert post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "max_tokens": 2}).status_code == 200
+    assert post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "n": 99}).status_code == 400
+    deadline = time.monotonic() + 45
+    text = ""
+    while time.monotonic() < deadline:
+        text = _scrape(apps)
+        if _sample(text, name, route="/v1/completions", status="200", application=APP) >= before + 3:
+            break
+        time.sleep(2)
+    assert _sample(text, name, route="/v1/completions", status="200", application=APP) == before + 3
+    assert _sample(text, "ray_llm_router_rejections_total", reason="invalid", application=APP) >= 1
+    assert "ray_llm_router_ttft_seconds_bucket" in text
+    assert "ray_llm_router_request_latency_seconds_count" in text
+    assert "ray_llm_router_in_flight_requests" in text
+    assert "vllm:" in text or "ray_vllm" in text  # vLLM's own engine metrics, through Ray
+
+
 # --- faults with two replicas, then graceful shutdown (the module's last tests) --------------------
 
 def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
-    from tests.faults import drain, kill_replica_actor, open_stream, running_replicas, wait_until
+    from tests.faults import drain, kill_replica_actor, open_stream, replica_ids, running_replicas, wait_until
 
     streams = {}
     for _ in range(20):
@@ -318,7 +371,8 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
         response = post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "max_tokens": 2})
         assert response.status_code == 200, response.text
         assert response.headers["x-engine-replica"] != victim
-    recovered_in = wait_until(lambda: running_replicas(APP) == 2, timeout=240, interval=2)
+    replaced = lambda: replica_ids(APP) - {victim, survivor} and running_replicas(APP) == 2  # noqa: E731
+    recovered_in = wait_until(replaced, timeout=240, interval=2)
     print(f"\n[faults] replica actor killed: its stream ended in {victim_ended:.1f} s; "
           f"two replicas again after {recovered_in:.0f} s")
 

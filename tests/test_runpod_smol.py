@@ -3,9 +3,11 @@ request shape of worker-vllm's README) and its production worker loop against a 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +15,9 @@ from ray import serve
 
 from configs.settings import DEMO_MODEL_SERVED_NAME
 from tests.runpod_queue import RunPodQueue
-from tests.workers import free_port, start_worker, stop_worker, wait_http, worker_env
+from tests.workers import ROOT, free_port, start_worker, stop_worker, wait_http, worker_env
+
+ENTRYPOINT = ROOT / "scripts" / "entrypoint.sh"
 
 CAPITAL = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -44,8 +48,9 @@ def engine_running(app_name: str = "llm") -> int:
 def local_api(smol_app, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("worker") / "local-api.log"
+    # Started through the Docker image's entrypoint script, exactly as the image starts it.
     process = start_worker(["--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-                           worker_env(), log)
+                           worker_env(PYTHON=sys.executable), log, command=[str(ENTRYPOINT)])
     try:
         wait_http(f"http://127.0.0.1:{port}/docs", process, log)
         yield httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
@@ -125,6 +130,18 @@ def test_handler_and_http_give_the_same_greedy_text(local_api, smol_app):
     assert output["choices"][0]["tokens"][0] == http.choices[0].message.content
 
 
+def test_one_shot_local_test_runs_the_sample_job(smol_app, tmp_path):
+    """`python -m handler` with test_input.json (here --test_input) runs one job and exits, as runpod does."""
+    job = json.loads((ROOT / "test_input.json").read_text())
+    done = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps(job)], cwd=tmp_path,
+                          env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Paris" in done.stdout + done.stderr
+    bad = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps({"input": {"prompt": 3}})],
+                         cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "prompt" in bad.stdout + bad.stderr
+
+
 # --- the production worker loop -------------------------------------------------------------------
 
 
@@ -143,8 +160,8 @@ def queue_worker(smol_app, tmp_path_factory):
 def test_production_loop_runs_jobs_concurrently_and_fails_bad_ones(queue_worker):
     queue, process, log = queue_worker
     good = [f"good-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
-    bad = {f"bad-{uuid.uuid4().hex[:6]}": ({"sampling_params": {"max_tokens": 4}}, "prompt"),
-           f"bad-{uuid.uuid4().hex[:6]}": ({"prompt": "x", "sampling_params": {"best_of": 1, "n": 2}}, "best_of")}
+    bad = {f"bad-a-{uuid.uuid4().hex[:6]}": ({"sampling_params": {"max_tokens": 4}}, "prompt"),
+           f"bad-b-{uuid.uuid4().hex[:6]}": ({"prompt": "x", "sampling_params": {"best_of": 1, "n": 2}}, "best_of")}
     for job_id in good:
         queue.submit(job_id, {"prompt": "Tell me about Paris.",
                               "sampling_params": {"max_tokens": 48, "ignore_eos": True}})
