@@ -68,6 +68,10 @@ ENV MODEL_NAME=${MODEL_NAME:+/models/${MODEL_NAME}} \
     HF_HUB_OFFLINE=${MODEL_NAME:+1}
 # Serve's HTTP proxy listens beyond the container's loopback.
 ENV SERVE_HOST=0.0.0.0
+# Ray Serve's performance switches (configs/ray_env.py), for every Ray process in the container.
+ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=0 \
+    RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1
 
 # Serve's HTTP proxy (OpenAI API: /v1 and /openai/v1).
 EXPOSE 8000

@@ -13,11 +13,13 @@ from ray import serve
 from configs.loader import SettingsError, load_settings
 from configs.placement import logical_cpus_needed
 from configs.platform import resolve_accelerator
+from configs.ray_env import apply_serve_performance_env
 from configs.settings import Settings
 from deployments.app import APP_NAME, ROUTE_PREFIX, build_app_from_settings
 
 
 def start_ray(settings: Settings) -> None:
+    apply_serve_performance_env()
     if settings.RAY_ADDRESS:
         ray.init(address=settings.RAY_ADDRESS)
         return

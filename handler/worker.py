@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from configs.loader import load_settings
+from configs.ray_env import apply_serve_performance_env
 from configs.settings import Settings
 
 logger = logging.getLogger("handler")
@@ -44,6 +45,7 @@ def _deploy_app(args: dict[str, Any] | None = None) -> None:
 def connect(settings: Settings) -> DeploymentHandle:
     """Ray + the router's handle, deploying the app first when it isn't running."""
     if not ray.is_initialized():
+        apply_serve_performance_env()
         if settings.RAY_ADDRESS:
             ray.init(address=settings.RAY_ADDRESS)
         else:

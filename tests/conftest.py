@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from configs.ray_env import apply_serve_performance_env  # noqa: E402
+
+apply_serve_performance_env()  # the tests run Serve as `make serve` runs it
+
+# This pytest process calls deployment handles from plain (non-async) test code, which Serve allows
+# only with the handle's router on its own loop. Ray reads the switch when ray.serve is imported:
+# set it for this process only, then drop it so the cluster's processes keep the defaults above.
+os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = "1"
+import ray.serve  # noqa: E402, F401
+
+del os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"]
+
 import pytest  # noqa: E402
 
 from tests.apps import TestApps  # noqa: E402

@@ -939,3 +939,21 @@ def test_print_mode_prints_the_table(capsys):
 def test_readme_and_configuration_page_are_up_to_date():
     problems = docs.check(REPO_ROOT)
     assert problems == [], "\n".join(problems)
+
+
+def test_autoscaling_settings_reach_the_built_deployment(monkeypatch):
+    """MIN/MAX_REPLICAS and TARGET_ONGOING_REQUESTS end up in the engine deployment Serve deploys."""
+    from configs import loader
+    from deployments import app as app_module
+
+    monkeypatch.setattr(app_module, "resolve_accelerator", lambda requested: Accelerator.CPU)
+    settings = loader.load_settings(environ={}, args={
+        "MODEL_NAME": "some/model", "MIN_REPLICAS": 1, "MAX_REPLICAS": 3, "TARGET_ONGOING_REQUESTS": 8,
+    }, forward_engine_args=False)
+    application = app_module.build_app_from_settings(settings)
+    engine = application._bound_deployment.init_args[0]._bound_deployment  # router(engine, settings)
+    config = engine._deployment_config
+    assert config.autoscaling_config.min_replicas == 1
+    assert config.autoscaling_config.max_replicas == 3
+    assert config.autoscaling_config.target_ongoing_requests == 8
+    assert engine._replica_config.placement_group_bundles == [{"CPU": 1}]

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.workers import free_port_in, port_open
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,26 +138,6 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port(low: int, high: int, taken: set[int]) -> int:
-    for port in range(low, high + 1):
-        if port in taken:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        taken.add(port)
-        return port
-    raise RuntimeError(f"no free port in {low}-{high}")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _still_alive(pids: list[list[float]]) -> list[int]:
     alive = []
     for pid, created in pids:
@@ -173,12 +154,12 @@ def _still_alive(pids: list[list[float]]) -> list[int]:
 def test_pack_places_tp2_bundles_on_two_nodes(tmp_path: Path):
     taken: set[int] = set()
     ports = {
-        "gcs": _free_port(6390, 6399, taken),
-        "agent": _free_port(6390, 6399, taken),
-        "metrics": _free_port(6390, 6399, taken),
-        "env_agent": _free_port(6390, 6399, taken),
-        "dashboard": _free_port(8270, 8279, taken),
-        "serve": _free_port(8400, 8499, taken),
+        "gcs": free_port_in(6390, 6399, taken),
+        "agent": free_port_in(6390, 6399, taken),
+        "metrics": free_port_in(6390, 6399, taken),
+        "env_agent": free_port_in(6390, 6399, taken),
+        "dashboard": free_port_in(8270, 8279, taken),
+        "serve": free_port_in(8400, 8499, taken),
     }
     # Short path: Ray's unix sockets live under it; Cluster writes ray_current_cluster there too,
     # not in /tmp/ray (where other engineers' `ray.init()` would find this cluster).
@@ -225,7 +206,7 @@ def test_pack_places_tp2_bundles_on_two_nodes(tmp_path: Path):
     for pid in left:  # ours by construction (children of the probe); fail below either way
         psutil.Process(pid).kill()
     assert not left, f"processes of the two-node cluster outlived cluster.shutdown(): {left}"
-    assert not _port_open(ports["gcs"]) and not _port_open(ports["serve"])
+    assert not port_open(ports["gcs"]) and not port_open(ports["serve"])
 
     assert r["options"]["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 1}]
     assert r["options"]["placement_group_strategy"] == "PACK"

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import yaml
 from configs.settings import LEGACY_NAMES, Settings
 from tests.conftest import CACHE_ROOT
 from tests.tiny_model import tiny_llama_path
+from tests.workers import free_port_in, port_open
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -42,26 +42,6 @@ DEPLOY_TIMEOUT_S = 360
 # (vLLM's max_num_seqs is not visible over HTTP, and the engine's max_ongoing_requests is
 # max(MAX_NUM_SEQS, MAX_CONCURRENCY=300) + 16 either way), so it is passed but not asserted on.
 SHELL_ONLY = {"API_KEY": "sk-from-the-deploy-shell", "MAX_QUEUED_REQUESTS": "1", "MAX_NUM_SEQS": "7"}
-
-
-def _free_port(low: int, high: int, taken: set[int]) -> int:
-    for port in range(low, high + 1):
-        if port in taken:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        taken.add(port)
-        return port
-    raise RuntimeError(f"no free port in {low}-{high}")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _base_env(ray_tmpdir: str) -> dict[str, str]:
@@ -224,11 +204,11 @@ def cluster() -> Iterator[LocalCluster]:
     # Short path: Ray's unix sockets live under it (108-byte limit).
     tmpdir = Path(tempfile.mkdtemp(prefix="rsd-", dir="/tmp"))
     taken: set[int] = set()
-    gcs = _free_port(6390, 6399, taken)
-    dash = _free_port(8270, 8279, taken)
-    serve_port = _free_port(8400, 8499, taken)
+    gcs = free_port_in(6390, 6399, taken)
+    dash = free_port_in(8270, 8279, taken)
+    serve_port = free_port_in(8400, 8499, taken)
     # Every other port Ray would otherwise take at a fixed default (10001, 52365, ...).
-    client, agent, agent_grpc, env_agent, metrics = (_free_port(6390, 6399, taken) for _ in range(5))
+    client, agent, agent_grpc, env_agent, metrics = (free_port_in(6390, 6399, taken) for _ in range(5))
     env = _base_env(str(tmpdir))
     log = tmpdir / "ray_start.log"
     cmd = [
@@ -268,7 +248,7 @@ def cluster() -> Iterator[LocalCluster]:
     finally:
         leftovers, took = _teardown(c, known)
         print(f"[serve-deploy] teardown took {took:.1f} s; {len(known)} cluster processes gone: {names}")
-        gcs_open = _port_open(gcs)
+        gcs_open = port_open(gcs)
         shutil.rmtree(tmpdir, ignore_errors=True)
         assert not leftovers, f"processes of the cluster outlived `ray start`'s SIGTERM: {leftovers}"
         assert not gcs_open, f"GCS port {gcs} still open after teardown"
