@@ -74,6 +74,7 @@ class NativeJob:
     candidates: int = 1  # best_of: candidates sampled, of which the n best are returned
     batch: BatchPolicy = field(default_factory=lambda: BatchPolicy(50, 1, 3))
     chat: bool = True
+    whole: bool = False  # the engine answers whole (beam search), not as a stream
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], param: str, what: str) -> Any:
@@ -186,6 +187,10 @@ def normalize_job(
             params.pop("top_logprobs", None)
     body.update(params)
     body["return_token_ids"] = True  # per-choice token counts, exact even when a delta has several
+    if stream and not params.get("use_beam_search") and "logprobs" not in params:
+        # The sampled tokens' texts: they split a delta that carries several tokens into one
+        # entry per token (worker-vllm's batches count tokens).
+        body["logprobs"] = True if chat else 0
     if params.get("use_beam_search"):
         # vLLM's beam search answers only whole (it can't stream): its beams arrive at the end.
         body["stream"] = False
@@ -194,7 +199,8 @@ def normalize_job(
         body["stream"] = True
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     route = "/v1/chat/completions" if chat else "/v1/completions"
-    return NativeJob("generate", "POST", route, body, stream, n, candidates, policy, chat)
+    return NativeJob("generate", "POST", route, body, stream, n, candidates, policy, chat,
+                     whole=bool(params.get("use_beam_search")))
 
 
 def _normalize_openai_job(job_input: dict[str, Any], defaults: BatchPolicy) -> NativeJob:
@@ -284,15 +290,23 @@ class NativeAssembler:
                 text = (raw.get("delta") or raw.get("message") or {}).get("content") or ""
                 logprobs = (raw.get("logprobs") or {}).get("content") or []
                 choice.logprob += sum(item.get("logprob") or 0.0 for item in logprobs)
+                token_texts = [item.get("token") or "" for item in logprobs]
             else:
                 text = raw.get("text") or ""
-                logprobs = (raw.get("logprobs") or {}).get("token_logprobs") or []
-                choice.logprob += sum(lp or 0.0 for lp in logprobs)
+                logprobs = raw.get("logprobs") or {}
+                choice.logprob += sum(lp or 0.0 for lp in logprobs.get("token_logprobs") or [])
+                token_texts = logprobs.get("tokens") or []
             count = len(raw.get("token_ids") or [])
             if count == 0 and not text:
                 continue  # the role chunk, or a finish marker without a token
-            choice.tokens.append(text)
-            choice.counts.append(max(count, 1))
+            if self.job.whole:
+                # A whole response (beam search): its text is one entry of all its tokens.
+                choice.tokens.append(text)
+                choice.counts.append(max(count, 1))
+                continue
+            for piece in split_delta(text, count, token_texts):
+                choice.tokens.append(piece)
+                choice.counts.append(1)
         return [] if self._buffered else self._ready_batches()
 
     def _pending(self, index: int) -> int:
@@ -336,6 +350,17 @@ class NativeAssembler:
         best = heapq.nlargest(self.job.n, range(len(self.choices)), key=lambda i: self.choices[i].logprob)
         self.choices = [self.choices[i] for i in best]
         self._sent = [0] * len(self.choices)
+
+
+def split_delta(text: str, count: int, token_texts: list[str]) -> list[str]:
+    """One entry per token of a delta the engine handed over at once (a slow consumer gets several
+    tokens merged): the tokens' own texts (from their logprobs) when they spell the delta, else the
+    delta in the first entry and empty ones after it, so counts and the joined text stay exact."""
+    if count <= 1:
+        return [text]
+    if len(token_texts) == count and "".join(token_texts) == text:
+        return list(token_texts)
+    return [text] + [""] * (count - 1)
 
 
 def iter_events(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:

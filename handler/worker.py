@@ -67,10 +67,15 @@ def _app_status() -> str | None:
 
 
 def make_handler(router: DeploymentHandle):
-    native = router.options(stream=True).native
+    native = None
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         """One RunPod job -> the router's native path. `{"error": ...}` marks the job FAILED."""
+        nonlocal native
+        if native is None:
+            # Configured once, inside runpod's event loop: with Ray Serve's throughput mode the
+            # handle's router runs on the loop that first uses it.
+            native = router.options(stream=True).native
         responses = native.remote(job.get("input"), str(job.get("id", "")))
         try:
             async for output in responses:

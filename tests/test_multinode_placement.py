@@ -174,6 +174,8 @@ def test_pack_places_tp2_bundles_on_two_nodes(tmp_path: Path):
         "HF_HUB_OFFLINE": "1",
         "RAY_TMPDIR": str(ray_tmp),
         "PYTHONPATH": str(REPO_ROOT),
+        # The probe calls a deployment handle from plain (non-async) code.
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
     }
     # Neither the pytest process's Ray address nor its auth mode (a `ray.init()` there sets it).
     env.pop("RAY_ADDRESS", None)

@@ -512,18 +512,28 @@ def test_several_events_per_part_give_the_same_batches(per_part: int):
 def test_a_delta_with_two_token_ids_counts_two_tokens():
     assembler = NativeAssembler(chat_job())
     assert token_counts(assembler.feed(chat_event("a", completion_tokens=1))) == [1]
-    # Threshold 3: a two-token delta plus a one-token delta fill it.
+    # Threshold 3: a two-token delta plus a one-token delta fill it, one entry per token.
     assert assembler.feed(chat_event("bc", token_ids=[6, 7], completion_tokens=3)) == []
     batches = assembler.feed(chat_event("d", completion_tokens=4))
-    assert [b["choices"][0]["tokens"] for b in batches] == [["bc", "d"]]
+    assert [b["choices"][0]["tokens"] for b in batches] == [["bc", "", "d"]]
     assert batches[0]["usage"] == {"input": 7, "output": 4}
 
 
+def test_a_merged_delta_splits_on_its_tokens_logprob_texts():
+    assembler = NativeAssembler(chat_job())
+    event = chat_event("bcd", token_ids=[6, 7, 8], completion_tokens=3)
+    event["choices"][0]["logprobs"] = {"content": [{"token": t, "logprob": -1.0} for t in ("b", "c", "d")]}
+    assembler.feed(chat_event("a", completion_tokens=1))
+    batches = assembler.feed(event)
+    assert [b["choices"][0]["tokens"] for b in batches] == [["b", "c", "d"]]
+
+
 def test_two_token_deltas_alone_fill_batches_by_token_count():
-    # 1 token first, then 2-token deltas: threshold 3 is reached after two of them (4 tokens >= 3).
+    # 1 token first, then 2-token deltas: batches still hold exactly 1, 3, 9 tokens.
     events = [chat_event("a")] + [chat_event("xy", token_ids=[1, 2]) for _ in range(6)]
     batches = run(NativeAssembler(chat_job()), events)
-    assert [b["choices"][0]["tokens"] for b in batches] == [["a"], ["xy", "xy"], ["xy"] * 4]
+    assert token_counts(batches) == [1, 3, 9]
+    assert "".join(t for b in batches for t in b["choices"][0]["tokens"]) == "a" + "xy" * 6
     assert batches[-1]["usage"]["output"] == 13
 
 
