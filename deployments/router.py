@@ -43,8 +43,6 @@ from deployments.observability import RequestObserver, RequestRecord, RouterMetr
 logger = logging.getLogger("ray.serve")
 
 PREFIXES = ("/v1", "/openai/v1")
-# Routes that run a generation (and so take a MAX_CONCURRENCY slot).
-GENERATION_ROUTES = ("/chat/completions", "/completions")
 HEALTH_TIMEOUT_S = 5.0
 # How long a non-generation call (models) waits for an engine before answering 503: a load
 # balancer's readiness probe must get an answer, not a hang, while the engine loads.

@@ -200,13 +200,18 @@ def test_handler_streams_the_router_outputs():
     outputs = [{"choices": [{"tokens": ["a"]}]}, {"choices": [{"tokens": ["b"]}]}]
     router = FakeRouter(FakeResponses(outputs))
     handler = make_handler(router)
-    assert router.options_seen == [{"stream": True}]
+    # The handle is configured lazily, inside the loop that runs the jobs (Serve's throughput
+    # mode binds a handle's router to the loop that first uses it), and only once.
+    assert router.options_seen == []
 
     async def main() -> list[Any]:
-        return [item async for item in handler({"id": "job-1", "input": {"prompt": "hi"}})]
+        first = [item async for item in handler({"id": "job-1", "input": {"prompt": "hi"}})]
+        second = [item async for item in handler({"id": "job-2", "input": {"prompt": "yo"}})]
+        return first + second
 
-    assert asyncio.run(main()) == outputs
-    assert router.calls == [({"prompt": "hi"}, "job-1")]
+    assert asyncio.run(main()) == outputs + outputs
+    assert router.options_seen == [{"stream": True}]
+    assert router.calls == [({"prompt": "hi"}, "job-1"), ({"prompt": "yo"}, "job-2")]
     assert router.responses.cancelled  # always released, even after a normal end
 
 
