@@ -317,9 +317,22 @@ def _sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def _settled_sample(apps, name: str, quiet_s: float = 15.0, **labels: str) -> float:
+    """The counter once it has stopped moving: earlier tests' requests (schemathesis sends many)
+    reach the export with a delay of up to Ray's report interval, and must not count as ours."""
+    value, since = _sample(_scrape(apps), name, **labels), time.monotonic()
+    deadline = since + 120
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(2)
+        latest = _sample(_scrape(apps), name, **labels)
+        if latest != value:
+            value, since = latest, time.monotonic()
+    return value
+
+
 def test_router_and_engine_metrics_are_exported(app, apps):
     name = "ray_llm_router_requests_total"
-    before = _sample(_scrape(apps), name, route="/v1/completions", status="200", application=APP)
+    before = _settled_sample(apps, name, route="/v1/completions", status="200", application=APP)
     for _ in range(3):
         assert post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "max_tokens": 2}).status_code == 200
     assert post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "n": 99}).status_code == 400
