@@ -55,7 +55,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.5) -> float:
 def open_stream(base_url: str, headers: dict, max_tokens: int):
     """A streaming completion opened and read up to its first event: (client, response, lines)."""
     client = httpx.Client(timeout=httpx.Timeout(30.0))
-    body = {"model": "tiny", "prompt": "fox", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny", "prompt": "fox", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
     request = client.build_request("POST", f"{base_url}/v1/completions", json=body, headers=headers)
     response = client.send(request, stream=True)
     lines = response.iter_lines()
@@ -66,8 +67,11 @@ def open_stream(base_url: str, headers: dict, max_tokens: int):
 
 
 def drain(lines) -> tuple[int, dict | None, bool]:
-    """Reads a stream to its end: (text events, error payload if any, saw [DONE])."""
-    events, error, done = 0, None, False
+    """Reads a stream to its end: (generated tokens, error payload if any, saw [DONE]).
+
+    Tokens come from the final usage chunk (stream_options.include_usage), not from counting
+    events: vLLM merges the deltas a slow reader left waiting, so one event may carry several."""
+    tokens, error, done = 0, None, False
     for line in lines:
         if not line.startswith("data: "):
             continue
@@ -78,6 +82,6 @@ def drain(lines) -> tuple[int, dict | None, bool]:
         payload = json.loads(data)
         if "error" in payload:
             error = payload["error"]
-        else:
-            events += 1
-    return events, error, done
+        elif payload.get("usage"):
+            tokens = payload["usage"]["completion_tokens"]
+    return tokens, error, done

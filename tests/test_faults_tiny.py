@@ -40,7 +40,7 @@ def test_engine_process_death_fails_in_flight_requests_and_the_app_recovers(app)
         time.sleep(0.3)
         killed_at = time.monotonic()
         kill_engine_process(app.name, replica)
-        events, error, done = drain(lines)  # must end, not hang (30 s read timeout)
+        _, error, done = drain(lines)  # must end, not hang (30 s read timeout)
         ended_in = time.monotonic() - killed_at
         non_streaming = pending.result()
     client.close()
