@@ -68,9 +68,13 @@ ENV MODEL_NAME=${MODEL_NAME:+/models/${MODEL_NAME}} \
     HF_HUB_OFFLINE=${MODEL_NAME:+1}
 # Serve's HTTP proxy listens beyond the container's loopback.
 ENV SERVE_HOST=0.0.0.0
-# Ray Serve's performance switches (configs/ray_env.py), for every Ray process in the container.
+# Ray Serve's performance switches (configs/ray_env.py), for every Ray process in the container:
+# throughput mode, gRPC between replicas, HAProxy on port 8000 in front of the router replicas.
 ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
-    RAY_SERVE_ENABLE_DIRECT_INGRESS=0 \
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
+    RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 \
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5 \
     RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1
 
 # Serve's HTTP proxy (OpenAI API: /v1 and /openai/v1).

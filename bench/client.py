@@ -176,6 +176,10 @@ class LoadClient:
                         ttfts=latencies, latencies=latencies, errors=errors)
 
     def _native_handle(self, ray_address: str, app: str) -> Any:
+        # As handler/worker.py does: Serve's switches before Serve is imported (handle transport).
+        from configs.ray_env import apply_serve_performance_env
+
+        apply_serve_performance_env()
         import ray
         from ray import serve
 

@@ -42,7 +42,7 @@ def default_cache_root() -> Path:
     return Path(base) / "ray-vllm-serve" / "bench"
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> dict[str, str]:
     """Environment of every process the benchmark starts: loopback only (Ray and vLLM pick the
     eth0 address otherwise), a small KV cache, offline model files, and never someone else's Ray."""
     env = dict(os.environ)
@@ -62,6 +62,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
     })
     env.pop("RAY_ADDRESS", None)  # each Ray-based system starts its own local cluster
+    for name in drop:
+        env.pop(name, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     if extra:
         env.update(extra)

@@ -58,18 +58,19 @@ def main() -> int:
     parser.add_argument("--info", required=True)
     args = parser.parse_args()
 
+    if args.system == "ours":
+        # Our app runs as `make serve` runs it (Ray Serve LLM runs with Ray's defaults), switches
+        # set before Serve is imported (it reads them then).
+        from configs.ray_env import apply_serve_performance_env
+
+        apply_serve_performance_env()
+
     import ray
     from ray import serve
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    if args.system == "ours":
-        # Our app runs as `make serve` runs it (Ray Serve LLM runs with Ray's defaults).
-        from configs.ray_env import apply_serve_performance_env
-
-        apply_serve_performance_env()
     # address="local": a new cluster of our own, never one found in /tmp/ray (someone else's).
     ray.init(address="local", num_cpus=RAY_LOGICAL_CPUS, include_dashboard=False,
              object_store_memory=RAY_OBJECT_STORE_BYTES)

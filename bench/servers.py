@@ -26,6 +26,7 @@ from bench.common import (
     SERVED_MODEL,
     child_env,
 )
+from configs.ray_env import SERVE_PERFORMANCE_ENV, private_haproxy_ports
 
 POLL_INTERVAL_S = 0.5
 
@@ -122,6 +123,14 @@ class Server:
             extra["VLLM_CACHE_ROOT"] = str(self._cache_dir)
         if self.ray_worker_niceness is not None and self.system != BARE:
             extra["RAY_worker_niceness"] = str(self.ray_worker_niceness)
+        drop: tuple[str, ...] = ()
+        if self.system == OURS:
+            # HAProxy's metrics and stats listeners: ports of this cluster's own (a `make serve`
+            # or a test cluster may hold the defaults).
+            extra.update(private_haproxy_ports())
+        elif self.system == RAYLLM:
+            # Ray Serve LLM as its users run it: Ray's defaults, none of our switches.
+            drop = tuple(SERVE_PERFORMANCE_ENV)
         cache_root = self._cache_dir or vllm_cache_root()
         before = compile_cache_entries(cache_root)
         self._log = open(self.log_dir / f"{self.system}.log", "w")
@@ -130,7 +139,7 @@ class Server:
         self._log.flush()
         launched = time.monotonic()
         self.proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=child_env(extra), stdout=self._log, stderr=subprocess.STDOUT,
+            command, cwd=REPO_ROOT, env=child_env(extra, drop), stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         models_s = None

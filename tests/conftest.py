@@ -14,9 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from configs.ray_env import apply_serve_performance_env  # noqa: E402
+from configs.ray_env import apply_serve_performance_env, private_haproxy_ports  # noqa: E402
 
 apply_serve_performance_env()  # the tests run Serve as `make serve` runs it
+# HAProxy's metrics and stats listeners get ports of this session's own: a `make serve` or another
+# session's cluster on this machine may hold the defaults. Clusters the tests start in
+# subprocesses (serve deploy, two nodes, the benchmark) pick their own in turn.
+os.environ.update(private_haproxy_ports())
 
 # This pytest process calls deployment handles from plain (non-async) test code, which Serve allows
 # only with the handle's router on its own loop. Ray reads the switch when ray.serve is imported:

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from configs.ray_env import private_haproxy_ports
 from tests.workers import free_port_in, port_open
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +177,8 @@ def test_pack_places_tp2_bundles_on_two_nodes(tmp_path: Path):
         "PYTHONPATH": str(REPO_ROOT),
         # The probe calls a deployment handle from plain (non-async) code.
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+        # HAProxy's metrics and stats listeners: not the ports the pytest session's cluster holds.
+        **private_haproxy_ports(),
     }
     # Neither the pytest process's Ray address nor its auth mode (a `ray.init()` there sets it).
     env.pop("RAY_ADDRESS", None)

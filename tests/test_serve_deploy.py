@@ -26,6 +26,7 @@ import psutil
 import pytest
 import yaml
 
+from configs.ray_env import private_haproxy_ports
 from configs.settings import LEGACY_NAMES, Settings
 from tests.conftest import CACHE_ROOT
 from tests.tiny_model import tiny_llama_path
@@ -60,6 +61,8 @@ def _base_env(ray_tmpdir: str) -> dict[str, str]:
         # On SIGTERM, `ray start` first drains the node (up to 30 s by default: with Serve replicas
         # on the only node, all 30). Nothing can move off a one-node cluster; keep teardown short.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
+        # HAProxy's metrics and stats listeners: not the ports the pytest session's cluster holds.
+        **private_haproxy_ports(),
     })
     return env
 

@@ -166,6 +166,16 @@ def test_dockerfile_env_names_are_settings_or_known(instructions):
     assert not unknown, f"ENV names neither settings nor RAY_/VLLM_/HF_HUB_ variables: {unknown}"
 
 
+def test_dockerfile_sets_every_serve_performance_switch(instructions):
+    """The image's Ray processes run Serve as `make serve` does (configs/ray_env.py): HAProxy,
+    throughput mode, gRPC between replicas. A switch added there and not here would drift."""
+    from configs.ray_env import SERVE_PERFORMANCE_ENV
+
+    words = " ".join(args for keyword, args in instructions if keyword == "ENV").replace("\\", " ").split()
+    image_env = dict(w.split("=", 1) for w in words if "=" in w)
+    assert {k: image_env.get(k) for k in SERVE_PERFORMANCE_ENV} == SERVE_PERFORMANCE_ENV
+
+
 def test_dockerfile_image_defaults(instructions):
     env = " ".join(args for keyword, args in instructions if keyword == "ENV")
     assert "SERVE_HOST=0.0.0.0" in env
