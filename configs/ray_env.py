@@ -7,9 +7,9 @@ before Ray starts and before `ray.serve` is imported: by `make serve`, the RunPo
 and the benchmark; a cluster started by `ray start` gets them from the image (Dockerfile ENV, the
 KubeRay manifest) or the shell.
 
-Measured with `make bench` on this 2-core box (tiny model, streaming chat, ratio to bare vLLM):
+Measured with `make bench` on a 2-core box (tiny model, streaming chat, ratio to bare vLLM):
 Serve's Python proxy and actor-call streaming gave 0.52 (c=1) and 0.28 (c=16); HAProxy in front of
-the router replica plus gRPC between replicas gave about 0.8 and 0.5 (see the README's benchmark).
+the router replica plus gRPC between replicas gives 0.84 and 0.52 (see the README's benchmark).
 """
 
 from __future__ import annotations
