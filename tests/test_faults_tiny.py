@@ -10,7 +10,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.faults import drain, kill_engine_process, open_stream, wait_until
+from tests.faults import drain, engine_process_pid, kill_engine_process, open_stream, replica_ids, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,16 @@ def test_client_disconnect_aborts_the_request_in_the_engine(app):
 
 
 def test_engine_process_death_fails_in_flight_requests_and_the_app_recovers(app):
+    (replica,) = replica_ids(app.name)  # the tiny app has one engine replica
+    engine_pid = engine_process_pid(app.name, replica)
     client, response, lines = open_stream(app.base_url, {}, max_tokens=480)
-    replica = response.headers["x-engine-replica"]
+    assert response.headers["x-engine-replica"] == replica
     with futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(httpx.post, f"{app.base_url}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": "fox", "max_tokens": 480, "ignore_eos": True})
-        time.sleep(0.3)
+        time.sleep(0.05)  # the non-streaming request reaches the engine; the stream is mid-way
         killed_at = time.monotonic()
-        kill_engine_process(app.name, replica)
+        kill_engine_process(engine_pid)
         _, error, done = drain(lines)  # must end, not hang (30 s read timeout)
         ended_in = time.monotonic() - killed_at
         non_streaming = pending.result()
