@@ -177,7 +177,7 @@ class LoadClient:
 
     def _native_handle(self, ray_address: str, app: str) -> Any:
         # As handler/worker.py does: Serve's switches before Serve is imported (handle transport).
-        from configs.ray_env import apply_serve_performance_env
+        from configs.ray_env import HANDLE_SERIALIZATION, apply_serve_performance_env
 
         apply_serve_performance_env()
         import ray
@@ -190,7 +190,7 @@ class LoadClient:
             self._ray_address = ray_address
         key = (ray_address, app)
         if key not in self._handles:
-            self._handles[key] = serve.get_app_handle(app).options(stream=True).native
+            self._handles[key] = serve.get_app_handle(app).options(stream=True, **HANDLE_SERIALIZATION).native
         return self._handles[key]
 
     async def native(self, ray_address: str, app: str, concurrency: int, requests: int) -> dict:

@@ -63,6 +63,9 @@ def router_deployment_options(settings: Settings, router_replicas: int = 1) -> d
         # The router is I/O-bound; it must not take a CPU an engine bundle needs.
         "ray_actor_options": {"num_cpus": 0},
         "max_ongoing_requests": router_max_ongoing_requests(settings),
+        # The router writes one line per request itself (id, route, status, tokens, latency, TTFT);
+        # Serve's access line would repeat it, at the cost of a second formatted, flushed record.
+        "logging_config": {"enable_access_log": False},
         "graceful_shutdown_timeout_s": 60,
         "graceful_shutdown_wait_loop_s": 1,
     }

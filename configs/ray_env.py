@@ -36,6 +36,12 @@ SERVE_PERFORMANCE_ENV: dict[str, str] = {
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 
+# How our deployment handles serialize calls and streamed items on the gRPC transport: the standard
+# library's pickle instead of Serve's default cloudpickle, whose per-call Pickler setup showed in
+# the engine replica's profile for every streamed chunk. Everything we send pickles plainly:
+# bytes, tuples, lists and dicts of JSON values, and exceptions.
+HANDLE_SERIALIZATION: dict[str, str] = {"request_serialization": "pickle", "response_serialization": "pickle"}
+
 # HAProxy's own listeners besides SERVE_PORT: Prometheus metrics (9101) and stats (8404). Fixed
 # ports are right for one cluster per node; a second cluster on the same machine (tests, the
 # benchmark beside `make serve`) needs ports of its own.

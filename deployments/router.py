@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.placement import per_router_limit
+from configs.ray_env import HANDLE_SERIALIZATION
 from configs.settings import Settings
 from deployments.errors import (
     EngineUnavailable,
@@ -119,7 +120,7 @@ class Router:
     def __init__(self, engine: DeploymentHandle, settings: Settings, router_replicas: int = 1) -> None:
         self._engine = engine
         # Configured handle methods are built once, not per request.
-        self._engine_http = engine.options(stream=True).http
+        self._engine_http = engine.options(stream=True, **HANDLE_SERIALIZATION).http
         self._engine_health = engine.check_health
         self._settings = settings
         self._api_keys = tuple(k.encode() for k in settings.api_keys)

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from configs.ray_env import apply_serve_performance_env
+from configs.ray_env import HANDLE_SERIALIZATION, apply_serve_performance_env
 
 # Serve reads its switches when it is imported, in this process too (its handles' transport).
 apply_serve_performance_env()
@@ -78,7 +78,7 @@ def make_handler(router: DeploymentHandle):
         if native is None:
             # Configured once, inside runpod's event loop: with Ray Serve's throughput mode the
             # handle's router runs on the loop that first uses it.
-            native = router.options(stream=True).native
+            native = router.options(stream=True, **HANDLE_SERIALIZATION).native
         responses = native.remote(job.get("input"), str(job.get("id", "")))
         try:
             async for output in responses:

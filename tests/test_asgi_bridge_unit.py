@@ -262,3 +262,36 @@ def test_the_scope_carries_the_request():
         assert seen["request"] == {"type": "http.request", "body": b'{"x": 1}', "more_body": False}
 
     asyncio.run(main())
+
+
+def test_http_only_middleware_is_dropped_from_the_in_process_app():
+    """The engine replica drops CORS and the HTTP-metrics middleware from vLLM's app (the router is
+    the HTTP server); every other middleware still wraps each request."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    from deployments.engine import without_http_only_middleware
+
+    class Marker(BaseHTTPMiddleware):
+        async def dispatch(self, request, call_next):
+            response = await call_next(request)
+            response.headers["x-marker"] = "kept"
+            return response
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app.add_middleware(CORSMiddleware, allow_origins=["*"])
+    app.add_middleware(Marker)
+    origin = [("origin", "https://example.com")]
+    before = dict(asyncio.run(collect(app, path="/ping", headers=origin))[0][1])
+    assert before["access-control-allow-origin"] == "*" and before["x-marker"] == "kept"
+
+    assert without_http_only_middleware(app) == ["CORSMiddleware"]
+    (status, headers, first, _), *rest = asyncio.run(collect(app, path="/ping", headers=origin))
+    headers = dict(headers)
+    assert (status, json.loads(first + b"".join(rest))) == (200, {"ok": True})
+    assert "access-control-allow-origin" not in headers and headers["x-marker"] == "kept"

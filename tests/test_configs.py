@@ -745,6 +745,8 @@ def test_router_deployment_options(concurrency, queued):
     # Serve's own limit must sit above what the router admits and queues (the router answers 429).
     assert options["max_ongoing_requests"] > concurrency + queued
     assert router_deployment_options(s, router_replicas=3)["num_replicas"] == 3
+    # The router's own request line replaces Serve's access line.
+    assert options["logging_config"] == {"enable_access_log": False}
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import handler.worker as worker
+from configs.ray_env import HANDLE_SERIALIZATION
 from handler.worker import DEFAULT_LOCAL_API_PORT, HEALTH_POLL_S, make_handler, watch_health, with_default_local_port
 
 # --- with_default_local_port ---------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_handler_streams_the_router_outputs():
         return first + second
 
     assert asyncio.run(main()) == outputs + outputs
-    assert router.options_seen == [{"stream": True}]
+    assert router.options_seen == [{"stream": True, **HANDLE_SERIALIZATION}]
     assert router.calls == [({"prompt": "hi"}, "job-1"), ({"prompt": "yo"}, "job-2")]
     assert router.responses.cancelled  # always released, even after a normal end
 
