@@ -5,12 +5,16 @@ engine deployment answers it with vLLM's own OpenAI layer, and bytes pass throug
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
+import os
+import threading
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -130,8 +134,12 @@ class Router:
         self._batch_defaults = BatchPolicy(
             settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_MIN_BATCH_SIZE, settings.DEFAULT_BATCH_SIZE_GROWTH_FACTOR
         )
-        self._chat_fields, self._completion_fields = openai_request_fields()
-        self._object_fields = request_object_fields()
+        # vLLM's request models, for the checks: importing vLLM costs ~10 s of CPU, which on a small
+        # box would be taken from the engine replica starting beside this one (the start-up's
+        # critical path). So it runs in a background thread at the lowest priority; requests that
+        # need the fields wait for it (they would wait for the engine anyway).
+        self._fields_loading = in_background_at_lowest_priority(load_request_fields, "request-fields")
+        self._fields: RequestFields | None = None
         self._limits = RequestLimits(
             settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN
         )
@@ -189,9 +197,15 @@ class Router:
             parts.append(part)
         return b"".join(parts)
 
+    async def _request_fields(self) -> RequestFields:
+        if self._fields is None:
+            self._fields = await asyncio.wrap_future(self._fields_loading)
+        return self._fields
+
     async def _admit(self, path: str, body: bytes) -> None:
         """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
-        check_request(parse_body(body), self._limits, self._object_fields[path])
+        fields = await self._request_fields()
+        check_request(parse_body(body), self._limits, fields.objects[path])
         await self._limiter.acquire()
         self._observer.update_gauges()
 
@@ -272,17 +286,18 @@ class Router:
         output shapes; a failure is one final `{"error": message}` (the worker marks the job FAILED)."""
         record = RequestRecord(job_id, "runpod")
         try:
+            fields = await self._request_fields()
             job = normalize_job(
                 job_input,
                 served_model=self._settings.served_model_name,
                 defaults=self._batch_defaults,
-                chat_fields=self._chat_fields,
-                completion_fields=self._completion_fields,
+                chat_fields=fields.chat,
+                completion_fields=fields.completion,
             )
             generation = job.method == "POST"
             if generation:
                 check_size(len(json.dumps(job.body)), self._limits)
-                check_request(job.body, self._limits, self._object_fields[job.route])
+                check_request(job.body, self._limits, fields.objects[job.route])
                 await self._limiter.acquire()
         except Exception as exc:
             self._fail(exc, record)
@@ -365,6 +380,40 @@ def request_object_fields() -> dict[str, frozenset[str]]:
 
     return {"/v1/chat/completions": object_fields(ChatCompletionRequest),
             "/v1/completions": object_fields(CompletionRequest)}
+
+
+@dataclass(frozen=True)
+class RequestFields:
+    chat: frozenset[str]  # fields vLLM's chat request accepts
+    completion: frozenset[str]  # fields vLLM's completion request accepts
+    objects: dict[str, frozenset[str]]  # per route: fields typed as objects
+
+
+def load_request_fields() -> RequestFields:
+    chat, completion = openai_request_fields()
+    return RequestFields(chat, completion, request_object_fields())
+
+
+T = TypeVar("T")
+
+
+def in_background_at_lowest_priority(load: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
+    """Runs `load` in a daemon thread at nice 19 (Linux sets niceness per thread; raising it needs
+    no privilege): it gets the CPU only when the processes around it leave some."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (OSError, AttributeError):
+            pass  # not Linux, or not allowed: load at the usual priority
+        try:
+            future.set_result(load())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _error_message(body: bytes) -> str:
