@@ -9,7 +9,7 @@ KubeRay manifest) or the shell.
 
 Measured with `make bench` on a 2-core box (tiny model, streaming chat, ratio to bare vLLM):
 Serve's Python proxy and actor-call streaming gave 0.52 (c=1) and 0.28 (c=16); HAProxy in front of
-the router replica plus gRPC between replicas gives 0.84 and 0.52 (see the README's benchmark).
+the router replica plus gRPC between replicas gave 0.84 and 0.52 (the README has the latest run).
 """
 
 from __future__ import annotations

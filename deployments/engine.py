@@ -23,8 +23,8 @@ logger = logging.getLogger("ray.serve")
 
 # Middleware of vLLM's server that only an HTTP server needs. In-process the router is the HTTP
 # server: CORS answers browsers (none reach this app), and the instrumentator's http_* metrics live
-# in a registry nothing scrapes here. Each wraps every streamed chunk's `send`; removing them took
-# about a tenth of the engine replica's CPU under load (py-spy). vLLM's other middleware stays.
+# in a registry nothing scrapes here. Each wraps every streamed chunk's `send` (both showed in the
+# engine replica's py-spy profile under load). vLLM's other middleware stays.
 HTTP_ONLY_MIDDLEWARE = frozenset({"CORSMiddleware", "PrometheusInstrumentatorMiddleware"})
 
 
