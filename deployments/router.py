@@ -365,23 +365,6 @@ def object_fields(model: Any) -> frozenset[str]:
     return frozenset(name for name, field in model.model_fields.items() if is_object(field.annotation))
 
 
-def openai_request_fields() -> tuple[frozenset[str], frozenset[str]]:
-    """Fields vLLM's chat and completion requests accept (native sampling_params are checked
-    against them, since vLLM's request models ignore unknown fields)."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    return frozenset(ChatCompletionRequest.model_fields), frozenset(CompletionRequest.model_fields)
-
-
-def request_object_fields() -> dict[str, frozenset[str]]:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    return {"/v1/chat/completions": object_fields(ChatCompletionRequest),
-            "/v1/completions": object_fields(CompletionRequest)}
-
-
 @dataclass(frozen=True)
 class RequestFields:
     chat: frozenset[str]  # fields vLLM's chat request accepts
@@ -390,8 +373,17 @@ class RequestFields:
 
 
 def load_request_fields() -> RequestFields:
-    chat, completion = openai_request_fields()
-    return RequestFields(chat, completion, request_object_fields())
+    """From vLLM's chat and completion request models (native sampling_params are checked against
+    the accepted fields, since vLLM's request models ignore unknown fields)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return RequestFields(
+        chat=frozenset(ChatCompletionRequest.model_fields),
+        completion=frozenset(CompletionRequest.model_fields),
+        objects={"/v1/chat/completions": object_fields(ChatCompletionRequest),
+                 "/v1/completions": object_fields(CompletionRequest)},
+    )
 
 
 T = TypeVar("T")
