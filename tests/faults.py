@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -56,6 +57,23 @@ def wait_until(predicate, timeout: float, interval: float = 0.5) -> float:
     raise TimeoutError(f"condition not met within {timeout} s")
 
 
+def sse_lines(response: httpx.Response):
+    """The stream's lines, split where SSE splits them (LF, CRLF, CR) and nowhere else.
+
+    httpx's iter_lines() follows str.splitlines(), which also splits on U+0085, U+2028 and U+2029.
+    JSON carries those raw inside a string, so a random model's token text could cut an event in two."""
+    buffer = b""
+    for chunk in response.iter_bytes():
+        buffer += chunk
+        held = b"\r" if buffer.endswith(b"\r") else b""  # may be the first half of a CRLF
+        *lines, buffer = re.split(rb"\r\n|\r|\n", buffer[: len(buffer) - len(held)])
+        buffer += held
+        for line in lines:
+            yield line.decode("utf-8")
+    if buffer.rstrip(b"\r"):
+        yield buffer.rstrip(b"\r").decode("utf-8")
+
+
 def open_stream(base_url: str, headers: dict, max_tokens: int):
     """A streaming completion opened and read up to its first event: (client, response, lines)."""
     client = httpx.Client(timeout=httpx.Timeout(30.0))
@@ -63,7 +81,7 @@ def open_stream(base_url: str, headers: dict, max_tokens: int):
             "stream_options": {"include_usage": True}}
     request = client.build_request("POST", f"{base_url}/v1/completions", json=body, headers=headers)
     response = client.send(request, stream=True)
-    lines = response.iter_lines()
+    lines = sse_lines(response)
     for line in lines:
         if line.startswith("data: "):
             break

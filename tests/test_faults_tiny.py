@@ -10,7 +10,9 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.faults import drain, engine_process_pid, kill_engine_process, open_stream, replica_ids, wait_until
+from tests.faults import (
+    drain, engine_process_pid, kill_engine_process, open_stream, replica_ids, sse_lines, wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,15 @@ def app(tiny_app):
 
 def engine_running(app) -> int:
     return serve.get_deployment_handle("EngineServer", app.name).running_requests.remote().result()
+
+
+def test_stream_lines_split_only_where_sse_does():
+    """A token's text may hold U+0085 or U+2028 raw inside the JSON; httpx's iter_lines() would cut the
+    event there (it follows str.splitlines) and the fault tests' JSON parse would fail for no fault."""
+    event = 'data: {"text":"a\u2028b\x85c"}'.encode()
+    parts = [event[:12], event[12:] + b"\r\n\r", b"\ndata: [DONE]\n\n"]
+    response = httpx.Response(200, content=iter(parts))
+    assert list(sse_lines(response)) == [event.decode(), "", "data: [DONE]", ""]
 
 
 def test_client_disconnect_aborts_the_request_in_the_engine(app):

@@ -15,6 +15,7 @@ import ray
 from ray import serve
 
 from tests.apps import TestApps
+from tests.faults import sse_lines
 
 KEYS = ("key-one-3f9a", "key-two-77c1")
 AUTH = {"authorization": f"Bearer {KEYS[1]}"}
@@ -137,7 +138,7 @@ def _stream(app, max_tokens):
             r.read()
             return r.status_code, time.monotonic() - started, r.headers.get("retry-after"), r.json()
         usage = None
-        for line in r.iter_lines():
+        for line in sse_lines(r):
             if line.startswith("data: {") and '"usage"' in line:
                 usage = json.loads(line[6:]).get("usage") or usage
         return 200, time.monotonic() - started, None, usage
