@@ -1,10 +1,12 @@
 """The configuration reference, generated from `configs.settings.Settings`.
 
     python -m configs.docs           # print the tables
-    python -m configs.docs --write   # update README.md and docs/configuration.md (`make docs`)
-    python -m configs.docs --check   # exit 1 when either file is out of date
+    python -m configs.docs --write   # update README.md, docs/configuration.md, the option list (`make docs`)
+    python -m configs.docs --check   # exit 1 when any of them is out of date
 
-Only the text between the markers below is generated; everything around them is left alone.
+Only the text between the markers below is generated; everything around them is left alone. The
+list of vLLM's option names (configs/vllm_option_names.txt, read by configs.loader) is generated
+whole, from the installed vLLM's parser.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ GROUP_ORDER: tuple[str, ...] = (ENGINE, SERVING, STREAMING, SCALING, INGRESS, WO
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = Path("README.md")
 CONFIGURATION_PAGE = Path("docs/configuration.md")
+OPTION_NAMES = Path("configs/vllm_option_names.txt")
 
 # Written once when docs/configuration.md does not exist; afterwards only the table is regenerated.
 CONFIGURATION_PAGE_INTRO = f"""# Configuration
@@ -185,10 +188,21 @@ def targets(root: Path) -> list[tuple[Path, bool]]:
     return [(root / README, False), (root / CONFIGURATION_PAGE, True)]
 
 
+def option_names() -> str:
+    """configs/vllm_option_names.txt as the installed vLLM's parser gives it."""
+    from configs.loader import installed_vllm_version, option_names_text, vllm_options
+
+    options = vllm_options()  # imports vLLM: it is installed
+    return option_names_text(options, installed_vllm_version() or "unknown")
+
+
 def check(root: Path = REPO_ROOT) -> list[str]:
     """One problem per out-of-date document; empty when all are up to date."""
     table = configuration_table()
     problems = []
+    names = root / OPTION_NAMES
+    if not names.exists() or names.read_text(encoding="utf-8") != option_names():
+        problems.append(f"{names} is out of date: run `python -m configs.docs --write` (or `make docs`)")
     for path, _ in targets(root):
         if not path.exists():
             problems.append(f"{path} does not exist: run `python -m configs.docs --write`")
@@ -208,6 +222,11 @@ def write(root: Path = REPO_ROOT) -> tuple[list[Path], list[str]]:
     table = configuration_table()
     changed: list[Path] = []
     problems: list[str] = []
+    names, expected_names = root / OPTION_NAMES, option_names()
+    if not names.exists() or names.read_text(encoding="utf-8") != expected_names:
+        names.parent.mkdir(parents=True, exist_ok=True)
+        names.write_text(expected_names, encoding="utf-8")
+        changed.append(names)
     for path, create in targets(root):
         try:
             expected = expected_text(path, table, create=create)
@@ -224,8 +243,8 @@ def write(root: Path = REPO_ROOT) -> tuple[list[Path], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m configs.docs", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="update README.md and docs/configuration.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 when either document is out of date")
+    mode.add_argument("--write", action="store_true", help="update every generated file")
+    mode.add_argument("--check", action="store_true", help="exit 1 when any of them is out of date")
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
 

@@ -2,8 +2,10 @@
 OpenAI server (its FastAPI app) without a socket, a second HTTP parse or uvicorn.
 
 The first item carries the status, headers and the first body part together (one hop for a
-non-streaming response); after that, each item joins every body part already waiting, so a slow
-consumer gets fewer, larger items instead of a fixed batching delay.
+non-streaming response); after that, one item per body part. The app's send() returns once the
+consumer has taken the message, as a socket's backpressure would: a consumer that keeps up gets
+every token at once, and a busy one makes vLLM merge the tokens that arrive meanwhile into one
+event. There is no fixed batching delay.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ async def stream_asgi(
     (http.disconnect) and cancels it, which is how vLLM learns to abort the request."""
     messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     disconnected = asyncio.Event()
+    taken = asyncio.Event()  # set by the consumer on every message it takes
     request_sent = False
 
     async def receive() -> dict[str, Any]:
@@ -53,6 +56,13 @@ async def stream_asgi(
 
     async def send(message: dict[str, Any]) -> None:
         messages.put_nowait(message)
+        # Backpressure, as a socket gives it: return only once the consumer has taken the message.
+        # While the app waits here, vLLM merges the outputs that arrive into one pending delta, so a
+        # busy replica builds and ships one event for several tokens instead of one per token. An
+        # idle replica's consumer takes each message at once: no delay, no fixed batching.
+        while not messages.empty():
+            taken.clear()
+            await taken.wait()
 
     async def run() -> None:
         try:
@@ -70,16 +80,12 @@ async def stream_asgi(
             raise RuntimeError(f"the engine's server ended without a response: {error!r}")
         status = start["status"]
         response_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in start.get("headers", [])]
-        first, more = await _next_body(messages)
+        taken.set()
+        first, more = await _next_body(messages, taken)
         yield (status, response_headers, first, more)
         while more:
-            part, more = await _next_body(messages)
-            parts = [part]
-            # Coalesce what is already waiting; never wait for more.
-            while more and not messages.empty():
-                part, more = _body_of(messages.get_nowait())
-                parts.append(part)
-            yield b"".join(parts)
+            part, more = await _next_body(messages, taken)
+            yield part
     finally:
         disconnected.set()
         if not task.done():
@@ -91,12 +97,15 @@ async def stream_asgi(
 
 
 def _body_of(message: dict[str, Any] | None) -> tuple[bytes, bool]:
-    if message is None:
-        return b"", False  # the app returned without finishing its body: end the stream
+    if message is None:  # the app returned, or was cancelled, before finishing its body
+        raise RuntimeError("the engine's server stopped before finishing its response")
     if message["type"] == "bridge.error":
         raise RuntimeError(f"the engine's server failed mid-response: {message['error']!r}")
     return message.get("body", b""), bool(message.get("more_body", False))
 
 
-async def _next_body(messages: asyncio.Queue[dict[str, Any] | None]) -> tuple[bytes, bool]:
-    return _body_of(await messages.get())
+async def _next_body(messages: asyncio.Queue[dict[str, Any] | None], taken: asyncio.Event
+                     ) -> tuple[bytes, bool]:
+    message = await messages.get()
+    taken.set()
+    return _body_of(message)

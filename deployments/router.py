@@ -264,9 +264,7 @@ class Router:
                      ) -> AsyncIterator[bytes]:
         """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
         try:
-            record.count_stream_part(first_part)
-            yield first_part
-            async for part in stream:
+            async for part in _whole_stream(first_part, stream):
                 record.count_stream_part(part)
                 yield part
         except Exception as exc:
@@ -419,7 +417,7 @@ def _error_message(body: bytes) -> str:
 async def _sse_event_groups(first_part: bytes, stream: Any) -> AsyncIterator[str]:
     """The stream as strings of whole SSE events: never cut inside an event or a UTF-8 character."""
     buffer = b""
-    async for part in _chain(first_part, stream):
+    async for part in _whole_stream(first_part, stream):
         buffer += part
         cut = buffer.rfind(b"\n\n")
         if cut >= 0:
@@ -429,10 +427,24 @@ async def _sse_event_groups(first_part: bytes, stream: Any) -> AsyncIterator[str
         yield buffer.decode("utf-8")
 
 
-async def _chain(first_part: bytes, stream: Any) -> AsyncIterator[bytes]:
+SSE_END = b"data: [DONE]\n\n"
+
+
+class StreamCut(EngineUnavailable):
+    """The engine's SSE stream stopped before vLLM's closing `data: [DONE]`."""
+
+
+async def _whole_stream(first_part: bytes, stream: Any) -> AsyncIterator[bytes]:
+    """The engine's SSE parts; a StreamCut after them if they stop short. vLLM ends every stream
+    with `data: [DONE]`, failed ones too, so a stream without it was cut (its engine went away
+    mid-response) and the caller must get an error, not what looks like a finished answer."""
+    last = first_part
     yield first_part
     async for part in stream:
+        last = part or last  # the body's closing message is usually empty
         yield part
+    if not last.endswith(SSE_END):
+        raise StreamCut("The engine's stream stopped before it finished; retry the request.")
 
 
 async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> AsyncIterator[dict[str, Any]]:
@@ -442,7 +454,7 @@ async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> Asy
             yield batch
         return
     buffer = b""
-    async for part in _chain(first_part, stream):
+    async for part in _whole_stream(first_part, stream):
         events, buffer = split_sse(buffer + part)
         for event in events:
             payload = event_payload(event)

@@ -1,4 +1,4 @@
-"""stream_asgi against tiny FastAPI / raw ASGI apps: the head item, streaming, coalescing, client
+"""stream_asgi against tiny FastAPI / raw ASGI apps: the head item, streaming, backpressure, client
 disconnect and an app that fails before responding. No vLLM."""
 
 from __future__ import annotations
@@ -115,30 +115,83 @@ def test_streaming_response_gives_a_head_then_bytes():
     asyncio.run(main())
 
 
-def test_queued_chunks_are_coalesced():
+def test_send_returns_only_once_the_consumer_took_the_message():
+    """Backpressure, as a socket gives it: the app cannot run ahead of the consumer."""
+
     async def main() -> None:
-        items = await collect(make_app({}), "GET", "/burst")
-        status, _, first, more = items[0]
-        assert (status, more) == (200, True)
-        rest = items[1:]
-        assert len(rest) < 5
-        assert all(isinstance(item, bytes) for item in rest)
-        assert first + b"".join(rest) == b"".join(f"part{i};".encode() for i in range(5))
+        returned: list[int] = []
+
+        async def app(scope: dict, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for i in range(3):
+                await send({"type": "http.response.body", "body": f"{i}".encode(), "more_body": True})
+                returned.append(i)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        stream = stream_asgi(app, "GET", "/", [], b"")
+        assert await anext(stream) == (200, [], b"0", True)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert returned == [0]  # part 1 waits in the queue; its send has not returned
+        assert await anext(stream) == b"1"
+        assert await anext(stream) == b"2"
+        assert await anext(stream) == b""
+        await stream.aclose()
+        assert returned == [0, 1, 2]
 
     asyncio.run(main())
 
 
-def test_raw_app_chunks_sent_without_awaiting_are_coalesced():
-    async def app(scope: dict, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        for i in range(5):
-            await send({"type": "http.response.body", "body": f"{i}".encode(), "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+def token_app(tokens: int, interval_s: float, sends: list[bytes]) -> Any:
+    """Like vLLM's serving code: tokens arrive on their own clock into a pending buffer (vLLM's
+    RequestOutputCollector merges deltas the same way), and each send carries all that is pending."""
 
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        pending: list[bytes] = []
+        arrived = asyncio.Event()
+
+        async def engine() -> None:
+            for i in range(tokens):
+                pending.append(f"t{i};".encode())
+                arrived.set()
+                await asyncio.sleep(interval_s)
+
+        producer = asyncio.create_task(engine())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        sent = 0
+        while sent < tokens:
+            await arrived.wait()
+            arrived.clear()
+            part, sent = b"".join(pending[sent:]), len(pending)
+            sends.append(part)
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await producer
+
+    return app
+
+
+async def read_all(app: Any, pause_s: float) -> list[bytes]:
+    parts = []
+    async for item in stream_asgi(app, "GET", "/", [], b""):
+        parts.append(item[2] if isinstance(item, tuple) else item)
+        await asyncio.sleep(pause_s)
+    return parts
+
+
+def test_a_slow_consumer_gets_several_tokens_per_message_and_a_fast_one_each_token():
     async def main() -> None:
-        items = await collect(app)
-        assert items[0] == (200, [("content-type", "text/plain")], b"0", True)
-        assert items[1:] == [b"1234"]
+        expected = b"".join(f"t{i};".encode() for i in range(60))
+        fast_sends: list[bytes] = []
+        fast = await read_all(token_app(60, 0.002, fast_sends), pause_s=0)
+        slow_sends: list[bytes] = []
+        slow = await read_all(token_app(60, 0.002, slow_sends), pause_s=0.03)
+        assert b"".join(fast) == b"".join(slow) == expected
+        # The fast consumer takes each token as it comes; the slow one makes the app wait, and the
+        # tokens arriving meanwhile go out together: fewer events built, fewer messages shipped.
+        assert len(fast_sends) > 40
+        assert len(slow_sends) < 20
+        assert len(slow) == len(slow_sends) + 1  # one item per send (plus the final empty part)
 
     asyncio.run(main())
 
@@ -227,7 +280,9 @@ def test_an_app_failing_mid_response_raises_runtime_error():
     asyncio.run(main())
 
 
-def test_an_app_returning_mid_body_ends_the_stream():
+def test_an_app_returning_mid_body_fails_the_stream():
+    """As uvicorn treats it: a response whose body never finished is an error, not a short answer."""
+
     async def app(scope: dict, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"a", "more_body": True})
@@ -235,9 +290,12 @@ def test_an_app_returning_mid_body_ends_the_stream():
         await send({"type": "http.response.body", "body": b"b", "more_body": True})
 
     async def main() -> None:
-        items = await collect(app)
-        assert items[0] == (200, [], b"a", True)
-        assert b"".join(items[1:]) == b"b"
+        stream = stream_asgi(app, "GET", "/", [], b"")
+        assert await anext(stream) == (200, [], b"a", True)
+        assert await anext(stream) == b"b"
+        with pytest.raises(RuntimeError, match="before finishing its response"):
+            await anext(stream)
+        await stream.aclose()
 
     asyncio.run(main())
 

@@ -437,6 +437,52 @@ def test_without_forwarding_vllm_is_not_imported():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_option_name_list_is_the_installed_vllms():
+    import configs.loader
+
+    assert configs.loader.listed_option_names() == frozenset(configs.loader.vllm_options())
+    assert {"ENABLE_PREFIX_CACHING", "MODEL", "PORT", "SEED"} <= configs.loader.listed_option_names()
+
+
+def test_variables_naming_no_vllm_option_skip_vllms_parser_with_the_same_result(monkeypatch):
+    import configs.loader
+
+    env = {"MAX_NUM_SEQS": "4", "PATH": "/bin", "HOME": "/root"}
+    with_parser = load(env)
+    parsed, real = [], configs.loader.vllm_options()
+    monkeypatch.setattr(configs.loader, "vllm_options", lambda: parsed.append(1) or real)
+    assert load(env) == with_parser and parsed == []
+    assert "MODEL_TAG is set by the product" in load_error({**env, "MODEL_TAG": "y"})  # checked by name
+    # One vLLM option in the environment, any Serve-config arg, or a list for another vLLM: the parser.
+    for case in ({"environ": {**env, "SEED": "3"}}, {"environ": env, "args": {"seed": 3}}):
+        parsed.clear()
+        load_settings(**case)
+        assert parsed == [1], case
+    parsed.clear()
+    monkeypatch.setattr(configs.loader, "installed_vllm_version", lambda: "0.0.1")
+    configs.loader.listed_option_names.cache_clear()
+    try:
+        load(env)
+    finally:
+        configs.loader.listed_option_names.cache_clear()
+    assert parsed == [1]
+
+
+def test_the_app_builders_settings_do_not_import_vllm():
+    """6-7 s of CPU off the start-up's critical path: the driver builds the app without vLLM."""
+    code = (
+        "import sys\n"
+        "from configs.loader import load_settings\n"
+        "s = load_settings(environ={'MODEL_NAME': 'm', 'MAX_NUM_SEQS': '4', 'PATH': '/bin'})\n"
+        "assert s.MAX_NUM_SEQS == 4\n"
+        "loaded = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 # --- load_settings: secrets, keys, combinations ---------------------------------------------------
 
 

@@ -11,7 +11,13 @@ import pytest
 from ray import serve
 
 from tests.faults import (
-    drain, engine_process_pid, kill_engine_process, open_stream, replica_ids, sse_lines, wait_until,
+    drain,
+    engine_process_pid,
+    kill_engine_process,
+    open_stream,
+    replica_ids,
+    sse_lines,
+    wait_until,
 )
 
 
@@ -53,11 +59,11 @@ def test_engine_process_death_fails_in_flight_requests_and_the_app_recovers(app)
         time.sleep(0.05)  # the non-streaming request reaches the engine; the stream is mid-way
         killed_at = time.monotonic()
         kill_engine_process(engine_pid)
-        _, error, done = drain(lines)  # must end, not hang (30 s read timeout)
+        tokens, error, done = drain(lines)  # must end, not hang (30 s read timeout)
         ended_in = time.monotonic() - killed_at
         non_streaming = pending.result()
     client.close()
-    assert error is not None, "the stream ended without an error event"
+    assert error is not None, f"the stream ended without an error event ({tokens} tokens, [DONE]: {done})"
     assert ended_in < 10
     assert non_streaming.status_code in (500, 503)
     assert non_streaming.json()["error"]["code"] == non_streaming.status_code

@@ -1,13 +1,15 @@
-"""The router's background loading of vLLM's request fields (pure: no Ray, no engine)."""
+"""The router's pure helpers: background loading of vLLM's request fields, the cut-stream guard
+(no Ray, no engine)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 
 import pytest
 
-from deployments.router import in_background_at_lowest_priority, load_request_fields
+from deployments.router import StreamCut, _whole_stream, in_background_at_lowest_priority, load_request_fields
 
 
 def test_background_load_runs_at_the_lowest_priority_off_the_caller_thread():
@@ -38,3 +40,36 @@ def test_request_fields_come_from_vllms_request_models():
     assert {"prompt", "max_tokens", "logprobs"} <= fields.completion
     assert "response_format" in fields.objects["/v1/chat/completions"]
     assert "messages" not in fields.objects["/v1/chat/completions"]  # a list, not an object
+
+
+async def _parts(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+def _read(first: bytes, *rest: bytes) -> tuple[list[bytes], BaseException | None]:
+    async def main() -> tuple[list[bytes], BaseException | None]:
+        seen: list[bytes] = []
+        try:
+            async for part in _whole_stream(first, _parts(*rest)):
+                seen.append(part)
+        except StreamCut as exc:
+            return seen, exc
+        return seen, None
+
+    return asyncio.run(main())
+
+
+def test_a_stream_that_vllm_closed_passes_through_whole():
+    parts = [b'data: {"a": 1}\n\n', b'data: {"error": {"code": 500}}\n\n', b"data: [DONE]\n\n", b""]
+    assert _read(*parts) == (parts, None)
+    assert _read(b'data: {"a": 1}\n\ndata: [DONE]\n\n') == ([b'data: {"a": 1}\n\ndata: [DONE]\n\n'], None)
+
+
+def test_a_stream_stopping_before_dones_fails_after_what_it_carried():
+    """What the caller gets when an engine goes away mid-stream without a word: every part that
+    came, then an error (the relay turns it into an SSE error event, a RunPod job into FAILED)."""
+    parts = [b'data: {"a": 1}\n\n', b'data: {"a": 2}\n\n', b""]
+    seen, error = _read(*parts)
+    assert seen == parts
+    assert isinstance(error, StreamCut) and "retry" in str(error)
