@@ -137,7 +137,8 @@ def markdown(results: dict[str, Any]) -> str:
         "requests per measurement " + ", ".join(f"c={c}: {n}" for c, n in cfg["requests"].items())
         + f"; {cfg['repeats']} repeat(s); medians (ranges over repeats in brackets); "
         f"{cfg.get('settle_s', 0):g} s of quiet before every measurement.",
-        f"- Method: all systems up at once; at each point the load alternates between them, every ratio "
+        "- Method: start-ups measured one system at a time, alone on the machine; for the load, all "
+        "systems up at once; at each point the load alternates between them, every ratio "
         f"comes from a back-to-back pair with bare vLLM, and bare vLLM measured twice in a row gives the "
         f"noise floor (bare/bare). Load client: {client.get('priority', 'n/a')} ({client.get('scheduling', '')}).",
     ]

@@ -133,7 +133,8 @@ class Server:
             drop = tuple(SERVE_PERFORMANCE_ENV)
         cache_root = self._cache_dir or vllm_cache_root()
         before = compile_cache_entries(cache_root)
-        self._log = open(self.log_dir / f"{self.system}.log", "w")
+        # Appended: a server restarted for the load keeps its measured start's log above.
+        self._log = open(self.log_dir / f"{self.system}.log", "a")
         command = self.command()
         self._log.write("$ " + " ".join(command) + "\n")
         self._log.flush()
