@@ -422,12 +422,12 @@ def test_without_forwarding_vllms_parser_is_not_used(monkeypatch):
     assert s.MAX_NUM_SEQS == 4
 
 
-def test_without_forwarding_vllm_is_not_imported():
+def assert_loads_without_importing_vllm(load_call: str) -> None:
+    """Runs `s = <load_call>` in a fresh interpreter: it must give MAX_NUM_SEQS 4 and leave vLLM unimported."""
     code = (
         "import sys\n"
         "from configs.loader import load_settings\n"
-        "s = load_settings(environ={'ENABLE_PREFIX_CACHING': 'true', 'MAX_NUM_SEQS': '4'},"
-        " forward_engine_args=False)\n"
+        f"s = {load_call}\n"
         "assert s.MAX_NUM_SEQS == 4\n"
         "loaded = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]\n"
         "assert not loaded, loaded\n"
@@ -435,6 +435,12 @@ def test_without_forwarding_vllm_is_not_imported():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_without_forwarding_vllm_is_not_imported():
+    assert_loads_without_importing_vllm(
+        "load_settings(environ={'ENABLE_PREFIX_CACHING': 'true', 'MAX_NUM_SEQS': '4'}, forward_engine_args=False)"
+    )
 
 
 def test_the_option_name_list_is_the_installed_vllms():
@@ -470,17 +476,9 @@ def test_variables_naming_no_vllm_option_skip_vllms_parser_with_the_same_result(
 
 def test_the_app_builders_settings_do_not_import_vllm():
     """6-7 s of CPU off the start-up's critical path: the driver builds the app without vLLM."""
-    code = (
-        "import sys\n"
-        "from configs.loader import load_settings\n"
-        "s = load_settings(environ={'MODEL_NAME': 'm', 'MAX_NUM_SEQS': '4', 'PATH': '/bin'})\n"
-        "assert s.MAX_NUM_SEQS == 4\n"
-        "loaded = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]\n"
-        "assert not loaded, loaded\n"
+    assert_loads_without_importing_vllm(
+        "load_settings(environ={'MODEL_NAME': 'm', 'MAX_NUM_SEQS': '4', 'PATH': '/bin'})"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
 
 
 # --- load_settings: secrets, keys, combinations ---------------------------------------------------
