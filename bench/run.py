@@ -220,6 +220,16 @@ def fmt_run(system: str, load_mode: str, r: dict) -> str:
     return f"{system:>6} {load_mode:<9} {r['output_tok_s']:8.0f} tok/s  TTFT p50 {ttft_s}{fail}"
 
 
+def record_ray_info(results: dict[str, Any], system: str, server: Server) -> None:
+    """The Ray cluster a system runs on (the RunPod-path load joins it), checked to be on loopback.
+    A system restarted for the load is a new cluster: recorded again."""
+    if not server.info:
+        return
+    results["systems"][system]["ray"] = server.info
+    if server.info.get("node_ip") != "127.0.0.1":
+        print(f"[bench] WARNING: {system}'s Ray node IP is {server.info.get('node_ip')}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for key, value in child_env().items():  # this process too: loopback, offline
@@ -302,10 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             servers[system] = server
             results["systems"][system]["startup"] = startup
             results["systems"][system]["port"] = server.port
-            if server.info:
-                results["systems"][system]["ray"] = server.info
-                if server.info.get("node_ip") != "127.0.0.1":
-                    print(f"[bench] WARNING: {system}'s Ray node IP is {server.info.get('node_ip')}", flush=True)
+            record_ray_info(results, system, server)
             models = startup["models_ok_s"]
             print(f"[bench] {system}: first token {startup['first_token_s']:.1f} s after launch "
                   f"(/v1/models answered at {models if models is not None else 'n/a'} s; "
@@ -318,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         for system in (s for s in systems if servers[s].proc is None):
             print(f"[bench] starting {LABELS[system]} again for the load ...", flush=True)
             servers[system].start_and_wait(STARTUP_TIMEOUT_S)
-            if servers[system].info:
-                results["systems"][system]["ray"] = servers[system].info
+            record_ray_info(results, system, servers[system])
         modes = [m for m in modes if m != NATIVE or OURS in systems]
         results["config"]["systems"] = systems
         results["config"]["modes"] = modes
