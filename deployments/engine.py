@@ -16,6 +16,7 @@ from ray import serve
 
 from configs.engine_args import cpu_thread_binding, vllm_cli_args
 from configs.settings import Accelerator, Settings
+from deployments import engine_core_process
 from deployments.asgi_bridge import ResponseHead, stream_asgi
 from deployments.errors import envelope
 
@@ -67,12 +68,14 @@ class EngineServer:
 
     async def __init__(self, settings: Settings, accelerator: Accelerator) -> None:
         started = time.monotonic()
+        prepare_process_environment(settings, accelerator)
+        # Before this process imports vLLM: the fork server imports it meanwhile, for the engine core.
+        forkserver_started = engine_core_process.start_forkserver()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.openai.api_server import build_app, init_app_state
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        prepare_process_environment(settings, accelerator)
         model_path = settings.MODEL_NAME
         if settings.uses_demo_model:
             from deployments.demo_model import ensure_demo_model
@@ -87,6 +90,8 @@ class EngineServer:
             # The ray executor places its GPU workers on this replica's bundles.
             vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        engine_core_forked = forkserver_started and engine_core_process.install(vllm_config)
 
         self._engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
@@ -105,7 +110,9 @@ class EngineServer:
         self._app.state.server = SimpleNamespace()
         self._served_model_name = settings.served_model_name
         self._replica_header = ("x-engine-replica", serve.get_replica_context().replica_id.unique_id)
-        logger.info("vLLM engine for %s ready in %.1f s", self._served_model_name, time.monotonic() - started)
+        logger.info("vLLM engine for %s ready in %.1f s (engine core %s)", self._served_model_name,
+                    time.monotonic() - started, "forked from the preloaded fork server" if engine_core_forked
+                    else "started by vLLM's own method")
 
     async def http(
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes

@@ -22,14 +22,17 @@ def kill_replica_actor(app: str, replica_id: str) -> None:
     ray.kill(ray.get_actor(replica_actor_name(app, replica_id), namespace="serve"), no_restart=True)
 
 
+def replica_process(app: str, replica_id: str) -> psutil.Process:
+    actor = ray.get_actor(replica_actor_name(app, replica_id), namespace="serve")
+    return psutil.Process(ray.get(actor.__ray_call__.remote(lambda _self: os.getpid())))
+
+
 def engine_process_pid(app: str, replica_id: str) -> int:
     """The vLLM EngineCore process under a replica. Looked up before a fault test opens its stream:
     the lookup (a Ray call, a process scan) can take longer than a short stream lasts."""
-    actor = ray.get_actor(replica_actor_name(app, replica_id), namespace="serve")
-    pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
-    children = psutil.Process(pid).children(recursive=True)
-    cores = [p for p in children if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
-    return (cores[0] if cores else children[0]).pid
+    children = replica_process(app, replica_id).children(recursive=True)
+    (core,) = [p for p in children if p.cmdline()[:1] == ["VLLM::EngineCore"]]
+    return core.pid
 
 
 def kill_engine_process(pid: int) -> None:

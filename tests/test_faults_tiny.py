@@ -7,6 +7,7 @@ import concurrent.futures as futures
 import time
 
 import httpx
+import psutil
 import pytest
 from ray import serve
 
@@ -16,6 +17,7 @@ from tests.faults import (
     kill_engine_process,
     open_stream,
     replica_ids,
+    replica_process,
     sse_lines,
     wait_until,
 )
@@ -46,6 +48,23 @@ def test_client_disconnect_aborts_the_request_in_the_engine(app):
     client.close()
     aborted_in = wait_until(lambda: engine_running(app) == 0, timeout=5, interval=0.1)
     print(f"\n[faults] disconnect -> engine abort in {aborted_in:.2f} s")
+
+
+def test_engine_core_is_forked_from_a_preloaded_fork_server_with_the_replica_environment(app):
+    """deployments.engine_core_process: the engine core skips spawn's second vLLM import, yet runs
+    with the environment vLLM set for it in the replica after the fork server had started."""
+    (replica,) = replica_ids(app.name)
+    replica_proc = replica_process(app.name, replica)
+    core = psutil.Process(engine_process_pid(app.name, replica))
+    forkserver = core.parent()
+    assert "multiprocessing.forkserver" in " ".join(forkserver.cmdline())
+    assert forkserver.parent().pid == replica_proc.pid
+    # vLLM's CPU platform sets LOCAL_WORLD_SIZE in the replica while it builds the engine config,
+    # after the fork server started: the fork server's environment lacks it, the engine core's
+    # workers (spawned by the engine core, from its environment) have it.
+    assert "LOCAL_WORLD_SIZE" not in forkserver.environ()
+    (worker,) = [p for p in core.children() if p.cmdline()[:1] == ["VLLM::Worker"]]
+    assert worker.environ()["LOCAL_WORLD_SIZE"] == "1"
 
 
 def test_engine_process_death_fails_in_flight_requests_and_the_app_recovers(app):

@@ -355,7 +355,17 @@ def test_router_and_engine_metrics_are_exported(app, apps):
 # --- faults with two replicas, then graceful shutdown (the module's last tests) --------------------
 
 def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
-    from tests.faults import drain, kill_replica_actor, open_stream, replica_ids, running_replicas, wait_until
+    import psutil
+
+    from tests.faults import (
+        drain,
+        kill_replica_actor,
+        open_stream,
+        replica_ids,
+        replica_process,
+        running_replicas,
+        wait_until,
+    )
 
     streams = {}
     for _ in range(20):
@@ -370,6 +380,10 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
             break
     assert len(streams) == 2, "could not open a stream on each replica"
     victim, survivor = list(streams)
+    # The victim's engine core, its workers and the fork server end with it (the engine core is
+    # the fork server's child, not the replica's: deployments.engine_core_process).
+    victim_processes = replica_process(APP, victim).children(recursive=True)
+    assert any(p.cmdline()[:1] == ["VLLM::EngineCore"] for p in victim_processes)
     killed_at = time.monotonic()
     kill_replica_actor(APP, victim)
     _, victim_error, _ = drain(streams[victim][2])
@@ -379,6 +393,8 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
         client.close()
     assert victim_error is not None and victim_error["code"] == 503
     assert victim_ended < 10
+    _, left = psutil.wait_procs(victim_processes, timeout=15)
+    assert not left, [(p.pid, p.cmdline()) for p in left]
     assert survivor_error is None and survivor_done and survivor_tokens == 480
     # Meanwhile traffic continues on the healthy replica.
     for _ in range(5):
