@@ -367,6 +367,11 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
         wait_until,
     )
 
+    # Each replica's processes (engine core, its worker, the fork server), looked up before any
+    # stream opens: the lookup can take longer than a stream lasts.
+    processes = {replica: replica_process(APP, replica).children(recursive=True) for replica in replica_ids(APP)}
+    for tree in processes.values():
+        assert any(p.cmdline()[:1] == ["VLLM::EngineCore"] for p in tree)
     streams = {}
     for _ in range(20):
         client, response, lines = open_stream(app.base_url, AUTH, max_tokens=480)
@@ -380,10 +385,6 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
             break
     assert len(streams) == 2, "could not open a stream on each replica"
     victim, survivor = list(streams)
-    # The victim's engine core, its workers and the fork server end with it (the engine core is
-    # the fork server's child, not the replica's: deployments.engine_core_process).
-    victim_processes = replica_process(APP, victim).children(recursive=True)
-    assert any(p.cmdline()[:1] == ["VLLM::EngineCore"] for p in victim_processes)
     killed_at = time.monotonic()
     kill_replica_actor(APP, victim)
     _, victim_error, _ = drain(streams[victim][2])
@@ -393,7 +394,9 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
         client.close()
     assert victim_error is not None and victim_error["code"] == 503
     assert victim_ended < 10
-    _, left = psutil.wait_procs(victim_processes, timeout=15)
+    # The victim's processes end with it (its engine core is the fork server's child, not the
+    # replica's: deployments.engine_core_process).
+    _, left = psutil.wait_procs(processes[victim], timeout=15)
     assert not left, [(p.pid, p.cmdline()) for p in left]
     assert survivor_error is None and survivor_done and survivor_tokens == 480
     # Meanwhile traffic continues on the healthy replica.
