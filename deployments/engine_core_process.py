@@ -98,13 +98,13 @@ class EngineCoreContext(ForkServerContext):
 def install(vllm_config: Any) -> bool:
     """Makes vLLM start this replica's engine core from the fork server. Returns False (and vLLM
     keeps its own start method) where a fork would not be what vLLM asked for."""
-    import vllm.v1.engine.utils as engine_utils
-
     if not supported():
         return False
     if getattr(vllm_config.parallel_config, "numa_bind", False):
         # NUMA binding swaps the interpreter spawn starts for a numactl wrapper.
         return False
+    import vllm.v1.engine.utils as engine_utils
+
     vllm_get_mp_context = getattr(engine_utils, "get_mp_context", None)
     if vllm_get_mp_context is None or getattr(vllm_get_mp_context, "_engine_core_context", False):
         return vllm_get_mp_context is not None

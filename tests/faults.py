@@ -30,9 +30,13 @@ def replica_process(app: str, replica_id: str) -> psutil.Process:
 def engine_process_pid(app: str, replica_id: str) -> int:
     """The vLLM EngineCore process under a replica. Looked up before a fault test opens its stream:
     the lookup (a Ray call, a process scan) can take longer than a short stream lasts."""
-    children = replica_process(app, replica_id).children(recursive=True)
-    (core,) = [p for p in children if p.cmdline()[:1] == ["VLLM::EngineCore"]]
+    (core,) = vllm_processes(replica_process(app, replica_id).children(recursive=True), "EngineCore")
     return core.pid
+
+
+def vllm_processes(processes: list[psutil.Process], role: str) -> list[psutil.Process]:
+    """Those vLLM titled VLLM::<role> (EngineCore, Worker) through setproctitle."""
+    return [p for p in processes if p.cmdline()[:1] == [f"VLLM::{role}"]]
 
 
 def kill_engine_process(pid: int) -> None:

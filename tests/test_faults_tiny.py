@@ -19,6 +19,7 @@ from tests.faults import (
     replica_ids,
     replica_process,
     sse_lines,
+    vllm_processes,
     wait_until,
 )
 
@@ -63,7 +64,7 @@ def test_engine_core_is_forked_from_a_preloaded_fork_server_with_the_replica_env
     # after the fork server started: the fork server's environment lacks it, the engine core's
     # workers (spawned by the engine core, from its environment) have it.
     assert "LOCAL_WORLD_SIZE" not in forkserver.environ()
-    (worker,) = [p for p in core.children() if p.cmdline()[:1] == ["VLLM::Worker"]]
+    (worker,) = vllm_processes(core.children(), "Worker")
     assert worker.environ()["LOCAL_WORLD_SIZE"] == "1"
 
 
