@@ -16,7 +16,7 @@ from ray import serve
 
 from configs.engine_args import cpu_thread_binding, vllm_cli_args
 from configs.settings import Accelerator, Settings
-from deployments import engine_core_process
+from deployments import engine_core_process, process_title
 from deployments.asgi_bridge import ResponseHead, stream_asgi
 from deployments.errors import envelope
 
@@ -69,6 +69,8 @@ class EngineServer:
     async def __init__(self, settings: Settings, accelerator: Accelerator) -> None:
         started = time.monotonic()
         prepare_process_environment(settings, accelerator)
+        # Before any process of the engine starts: they inherit the order (deployments.process_title).
+        process_title.anchor_environment_first()
         # Before this process imports vLLM: the fork server imports it meanwhile, for the engine core.
         forkserver_started = engine_core_process.start_forkserver()
         from vllm.engine.arg_utils import AsyncEngineArgs

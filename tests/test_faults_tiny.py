@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from ray import serve
 
+from deployments.process_title import ANCHOR
 from tests.faults import (
     drain,
     engine_process_pid,
@@ -66,6 +68,11 @@ def test_engine_core_is_forked_from_a_preloaded_fork_server_with_the_replica_env
     assert "LOCAL_WORLD_SIZE" not in forkserver.environ()
     (worker,) = vllm_processes(core.children(), "Worker")
     assert worker.environ()["LOCAL_WORLD_SIZE"] == "1"
+    # Each started with deployments.process_title's anchor as its first variable, whatever order
+    # Ray gave the replica's environment: what keeps vLLM's titles (found above) from being lost.
+    for process in (forkserver, core, worker):
+        first = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"=", 1)[0].decode()
+        assert first == ANCHOR, (process.pid, first)
 
 
 def test_engine_process_death_fails_in_flight_requests_and_the_app_recovers(app):

@@ -372,7 +372,7 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
     # stream opens: the lookup can take longer than a stream lasts.
     processes = {replica: replica_process(APP, replica).children(recursive=True) for replica in replica_ids(APP)}
     for tree in processes.values():
-        assert vllm_processes(tree, "EngineCore")
+        assert vllm_processes(tree, "EngineCore"), [(p.pid, p.name(), p.cmdline()[:3]) for p in tree]
     streams = {}
     for _ in range(20):
         client, response, lines = open_stream(app.base_url, AUTH, max_tokens=480)
