@@ -37,6 +37,18 @@ def _pairs(sequence: list[dict]) -> tuple[list[tuple[dict, dict]], list[tuple[di
     return pairs, noise
 
 
+def _runpod_http_pairs(sequence: list[dict]) -> list[tuple[dict, dict]]:
+    """(RunPod-path run, our HTTP streaming run next to it) pairs of one native point's sequence."""
+    pairs = []
+    for i, run in enumerate(sequence):
+        if run["system"] == OURS and run["load_mode"] == NATIVE:
+            http = next((sequence[j] for j in (i - 1, i + 1) if 0 <= j < len(sequence)
+                         and sequence[j]["system"] == OURS and sequence[j]["load_mode"] == STREAM), None)
+            if http is not None:
+                pairs.append((run, http))
+    return pairs
+
+
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     by_point: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
     for run in results["runs"]:
@@ -48,7 +60,12 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     noise: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: {"tok": [], "ttft": []})
     pairs: dict[tuple[str, int, str], dict[str, list[float]]] = defaultdict(
         lambda: {"tok": [], "ttft": [], "ttft_delta": []})
+    # The RunPod path against our own HTTP streaming path, per concurrency (tok/s ratios).
+    runpod_vs_http: dict[int, list[float]] = defaultdict(list)
     for (mode, c, _repeat), seq in by_point.items():
+        for native, http in _runpod_http_pairs(seq):
+            if (t := _ratio(native["output_tok_s"], http["output_tok_s"])) is not None:
+                runpod_vs_http[c].append(t)
         other_pairs, bare_pairs = _pairs(seq)
         for first, second in bare_pairs:
             if (t := _ratio(second["output_tok_s"], first["output_tok_s"])) is not None:
@@ -72,7 +89,9 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         noise_tok = _median(floor["tok"])
         noise_ttft = _median([abs(x) for x in floor["ttft"]])
         for system in _SYSTEM_ORDER:
-            mine = [r for r in runs if r["system"] == system]
+            # At the RunPod point, our HTTP runs are the RunPod path's reference, not its row.
+            mine = [r for r in runs if r["system"] == system and (mode != NATIVE or system != OURS
+                                                                  or r["load_mode"] == NATIVE)]
             if not mine:
                 continue
             p = pairs.get((mode, c, system), {"tok": [], "ttft": [], "ttft_delta": []})
@@ -98,6 +117,10 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "noise_ratio_tok_s_range": _range(floor["tok"]),
                 "noise_ttft_delta_ms": noise_ttft,
                 "noise_pairs": len(floor["tok"]),
+                **({"ratio_to_our_http": _median(runpod_vs_http[c]),
+                    "ratio_to_our_http_range": _range(runpod_vs_http[c]),
+                    "our_http_pairs": len(runpod_vs_http[c])}
+                   if mode == NATIVE and system == OURS else {}),
             })
     return rows
 
@@ -170,7 +193,8 @@ def markdown(results: dict[str, Any]) -> str:
         if mode == NATIVE:
             lines += ["Our app's RunPod path (`handler/worker.py`'s call: `native.remote(job_input, job_id)` on the "
                       "router's handle, from a Ray driver), paired with bare vLLM's streaming chat at the same "
-                      "concurrency. TTFT = first output batch (worker-vllm's batches: 1, 3, 9, 27, 50 tokens).", ""]
+                      "concurrency, and with our own HTTP streaming chat run on its other side. TTFT = first output "
+                  "batch (worker-vllm's batches: 1, 3, 9, 27, 50 tokens).", ""]
         lines += [f"| c | system | output tok/s | tok/s vs bare | {ttft_name} | vs bare (Δ ms) | "
                   "noise floor bare/bare (tok/s, \\|Δ TTFT\\| ms) | failed |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -185,6 +209,12 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {r['concurrency']} | {r['label']} | {_f(r['tok_s'], ',.0f')} | {vs_tok} | "
                          f"{_f(r['ttft_p50_ms'], '.1f')} | {vs_ttft} | {noise} | {r['failed']} |")
         lines.append("")
+        if mode == NATIVE:
+            lines += ["RunPod path against our HTTP streaming path (tok/s, the median of back-to-back pairs, "
+                      "range in brackets):", "", "| c | RunPod / our HTTP | pairs |", "|---|---|---|"]
+            lines += [f"| {r['concurrency']} | {_with_range(r['ratio_to_our_http'], r['ratio_to_our_http_range'])} "
+                      f"| {r['our_http_pairs']} |" for r in mine if r["system"] == OURS]
+            lines.append("")
     lines += ["Ratios are medians of per-pair ratios (system / the bare vLLM run next to it), so they need not "
               "equal the ratio of the medians. A ratio inside the noise floor's spread is no difference.", ""]
     return "\n".join(lines)

@@ -192,9 +192,10 @@ class Client:
 def point_sequence(mode: str, systems: list[str], repeat: int) -> list[tuple[str, str]]:
     """(system, load mode) in the order measured at one point. Every other system sits next to a
     bare run (its pair); the two bare runs sit next to each other (the noise floor). Odd repeats
-    run the sequence backwards, so no system always goes first."""
+    run the sequence backwards, so no system always goes first. The RunPod path's point also runs
+    our HTTP streaming on its other side: the target compares those two, so they are paired too."""
     if mode == NATIVE:
-        seq = [(OURS, NATIVE), (BARE, STREAM)]
+        seq = [(OURS, STREAM), (OURS, NATIVE), (BARE, STREAM)]
     else:
         others = [s for s in systems if s != BARE]
         seq = []

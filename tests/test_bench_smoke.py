@@ -34,6 +34,9 @@ def test_bench_smoke_writes_results_for_both_systems(tmp_path: Path):
         assert results["systems"][system]["startup"]["first_token_s"] > 0
     modes = {(r["system"], r["mode"]) for r in rows}
     assert {("ours", "stream"), ("ours", "nonstream"), ("ours", "native")} <= modes
+    # The RunPod path is paired with our HTTP path run next to it (its target is that ratio).
+    runpod = next(r for r in rows if r["system"] == "ours" and r["mode"] == "native")
+    assert runpod["load"] == "native" and runpod["our_http_pairs"] >= 1 and runpod["ratio_to_our_http"] > 0
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
     assert results["date"]
 

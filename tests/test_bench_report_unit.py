@@ -1,0 +1,61 @@
+"""The benchmark's pure parts: the order of runs at a point and the summary's pairing. The RunPod
+path's target is a ratio to our own HTTP path, so that ratio must come from back-to-back runs, as
+every ratio to bare vLLM does."""
+
+from __future__ import annotations
+
+from bench.common import BARE, NATIVE, OURS, STREAM
+from bench.report import markdown, summarize
+from bench.run import point_sequence
+
+
+def test_the_runpod_point_runs_our_http_path_and_bare_vllm_on_either_side():
+    assert point_sequence(NATIVE, [OURS, BARE], 0) == [(OURS, STREAM), (OURS, NATIVE), (BARE, STREAM)]
+    assert point_sequence(NATIVE, [OURS, BARE], 1) == [(BARE, STREAM), (OURS, NATIVE), (OURS, STREAM)]
+
+
+def _run(repeat: int, position: int, system: str, load_mode: str, tok_s: float, ttft: float) -> dict:
+    return {"repeat": repeat, "concurrency": 4, "point_mode": NATIVE, "position": position, "system": system,
+            "load_mode": load_mode, "output_tok_s": tok_s, "ttft_p50_ms": ttft, "failed": 0, "completed": 32}
+
+
+def _native_point_runs() -> list[dict]:
+    runs = []
+    for repeat, (http, native, bare) in enumerate(((1000.0, 900.0, 1200.0), (800.0, 760.0, 1000.0),
+                                                   (1100.0, 1100.0, 1100.0))):
+        sequence = point_sequence(NATIVE, [OURS, BARE], repeat)
+        tok = {(OURS, STREAM): http, (OURS, NATIVE): native, (BARE, STREAM): bare}
+        runs += [_run(repeat, i, s, m, tok[(s, m)], 10.0 + i) for i, (s, m) in enumerate(sequence)]
+    return runs
+
+
+def test_the_runpod_row_pairs_each_job_run_with_the_http_run_beside_it():
+    rows = summarize({"runs": _native_point_runs()})
+    ours = next(r for r in rows if r["system"] == OURS)
+    # Pairs: 900/1000, 760/800, 1100/1100 -> 0.9, 0.95, 1.0.
+    assert ours["ratio_to_our_http"] == 0.95
+    assert ours["ratio_to_our_http_range"] == [0.9, 1.0]
+    assert ours["our_http_pairs"] == 3
+    # The row itself is the RunPod path's: our HTTP runs are its reference, not its measurements.
+    assert ours["load"] == NATIVE and ours["measurements"] == 3
+    assert ours["tok_s"] == 900.0
+    # Its ratio to bare vLLM still comes from the bare run on its other side: 0.75, 0.76, 1.0.
+    assert ours["ratio_tok_s"] == 0.76
+    bare = next(r for r in rows if r["system"] == BARE)
+    assert "ratio_to_our_http" not in bare and bare["measurements"] == 3
+
+
+def test_the_markdown_shows_the_runpod_to_http_ratio():
+    results = {
+        "date": "2026-11-24T00:00:00+00:00",
+        "machine": {"nproc": 2, "cpu_model": "cpu", "mem_gib": 24, "platform": "linux", "python": "3.11"},
+        "versions": {},
+        "config": {"max_model_len": 512, "max_num_seqs": 256, "input_len": 64, "output_len": 64,
+                   "requests": {"4": 32}, "repeats": 3, "settle_s": 2, "ray_worker_niceness": 15},
+        "systems": {},
+        "runs": _native_point_runs(),
+    }
+    results["summary"] = summarize(results)
+    text = markdown(results)
+    assert "| c | RunPod / our HTTP | pairs |" in text
+    assert "| 4 | 0.95 [0.90-1.00] | 3 |" in text
