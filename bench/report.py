@@ -194,7 +194,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["Our app's RunPod path (`handler/worker.py`'s call: `native.remote(job_input, job_id)` on the "
                       "router's handle, from a Ray driver), paired with bare vLLM's streaming chat at the same "
                       "concurrency, and with our own HTTP streaming chat run on its other side. TTFT = first output "
-                  "batch (worker-vllm's batches: 1, 3, 9, 27, 50 tokens).", ""]
+                      "batch (worker-vllm's batches: 1, 3, 9, 27, 50 tokens).", ""]
         lines += [f"| c | system | output tok/s | tok/s vs bare | {ttft_name} | vs bare (Δ ms) | "
                   "noise floor bare/bare (tok/s, \\|Δ TTFT\\| ms) | failed |",
                   "|---|---|---|---|---|---|---|---|"]
