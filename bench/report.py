@@ -23,13 +23,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _neighbours(sequence: list[dict], i: int) -> list[dict]:
+    """The runs measured right before and right after run i of one point's sequence."""
+    return [sequence[j] for j in (i - 1, i + 1) if 0 <= j < len(sequence)]
+
+
 def _pairs(sequence: list[dict]) -> tuple[list[tuple[dict, dict]], list[tuple[dict, dict]]]:
     """(other run, its adjacent bare run) pairs and (bare, bare) pairs of one point's sequence."""
     pairs, noise = [], []
     for i, run in enumerate(sequence):
-        neighbours = [sequence[j] for j in (i - 1, i + 1) if 0 <= j < len(sequence)]
         if run["system"] != BARE:
-            bare = next((n for n in neighbours if n["system"] == BARE), None)
+            bare = next((n for n in _neighbours(sequence, i) if n["system"] == BARE), None)
             if bare is not None:
                 pairs.append((run, bare))
         elif i + 1 < len(sequence) and sequence[i + 1]["system"] == BARE:
@@ -42,8 +46,8 @@ def _runpod_http_pairs(sequence: list[dict]) -> list[tuple[dict, dict]]:
     pairs = []
     for i, run in enumerate(sequence):
         if run["system"] == OURS and run["load_mode"] == NATIVE:
-            http = next((sequence[j] for j in (i - 1, i + 1) if 0 <= j < len(sequence)
-                         and sequence[j]["system"] == OURS and sequence[j]["load_mode"] == STREAM), None)
+            http = next((n for n in _neighbours(sequence, i)
+                         if n["system"] == OURS and n["load_mode"] == STREAM), None)
             if http is not None:
                 pairs.append((run, http))
     return pairs
@@ -90,8 +94,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         noise_ttft = _median([abs(x) for x in floor["ttft"]])
         for system in _SYSTEM_ORDER:
             # At the RunPod point, our HTTP runs are the RunPod path's reference, not its row.
-            mine = [r for r in runs if r["system"] == system and (mode != NATIVE or system != OURS
-                                                                  or r["load_mode"] == NATIVE)]
+            mine = [r for r in runs if r["system"] == system and (system == BARE or r["load_mode"] == mode)]
             if not mine:
                 continue
             p = pairs.get((mode, c, system), {"tok": [], "ttft": [], "ttft_delta": []})
