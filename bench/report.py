@@ -3,6 +3,7 @@ latest.md and latest.png."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections import defaultdict
@@ -23,34 +24,31 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def _neighbours(sequence: list[dict], i: int) -> list[dict]:
-    """The runs measured right before and right after run i of one point's sequence."""
-    return [sequence[j] for j in (i - 1, i + 1) if 0 <= j < len(sequence)]
+def _next_to(sequence: list[dict], is_run, is_reference) -> list[tuple[dict, dict]]:
+    """(run, reference) pairs of one point's sequence: each run that is_run picks, with the first
+    run that is_reference picks among those measured right before and right after it."""
+    pairs = []
+    for i, run in enumerate(sequence):
+        if is_run(run):
+            neighbours = [sequence[j] for j in (i - 1, i + 1) if 0 <= j < len(sequence)]
+            reference = next((n for n in neighbours if is_reference(n)), None)
+            if reference is not None:
+                pairs.append((run, reference))
+    return pairs
 
 
 def _pairs(sequence: list[dict]) -> tuple[list[tuple[dict, dict]], list[tuple[dict, dict]]]:
     """(other run, its adjacent bare run) pairs and (bare, bare) pairs of one point's sequence."""
-    pairs, noise = [], []
-    for i, run in enumerate(sequence):
-        if run["system"] != BARE:
-            bare = next((n for n in _neighbours(sequence, i) if n["system"] == BARE), None)
-            if bare is not None:
-                pairs.append((run, bare))
-        elif i + 1 < len(sequence) and sequence[i + 1]["system"] == BARE:
-            noise.append((run, sequence[i + 1]))
+    pairs = _next_to(sequence, lambda run: run["system"] != BARE, lambda run: run["system"] == BARE)
+    noise = [(first, second) for first, second in itertools.pairwise(sequence)
+             if first["system"] == BARE and second["system"] == BARE]
     return pairs, noise
 
 
 def _runpod_http_pairs(sequence: list[dict]) -> list[tuple[dict, dict]]:
     """(RunPod-path run, our HTTP streaming run next to it) pairs of one native point's sequence."""
-    pairs = []
-    for i, run in enumerate(sequence):
-        if run["system"] == OURS and run["load_mode"] == NATIVE:
-            http = next((n for n in _neighbours(sequence, i)
-                         if n["system"] == OURS and n["load_mode"] == STREAM), None)
-            if http is not None:
-                pairs.append((run, http))
-    return pairs
+    return _next_to(sequence, lambda run: run["system"] == OURS and run["load_mode"] == NATIVE,
+                    lambda run: run["system"] == OURS and run["load_mode"] == STREAM)
 
 
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
