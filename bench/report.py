@@ -7,6 +7,7 @@ import itertools
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def _next_to(sequence: list[dict], is_run, is_reference) -> list[tuple[dict, dict]]:
+def _next_to(sequence: list[dict], is_run: Callable[[dict], bool], is_reference: Callable[[dict], bool]
+             ) -> list[tuple[dict, dict]]:
     """(run, reference) pairs of one point's sequence: each run that is_run picks, with the first
     run that is_reference picks among those measured right before and right after it."""
     pairs = []
