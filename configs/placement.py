@@ -82,3 +82,15 @@ def logical_cpus_needed(settings: Settings, accelerator: Accelerator) -> int:
         settings.TENSOR_PARALLEL_SIZE, settings.PIPELINE_PARALLEL_SIZE, accelerator))
     replicas = settings.MAX_REPLICAS if settings.autoscaling else settings.NUM_REPLICAS
     return int(per_engine * (replicas or 1))
+
+
+def ray_init_kwargs(settings: Settings, cpu_count: int) -> dict[str, Any]:
+    """`ray.init`'s arguments for `make serve` and the RunPod worker: join RAY_ADDRESS when it is
+    set, else start a head of their own. `address="local"` because a bare `ray.init()` joins a
+    cluster that `ray start` left on this machine (and then refuses `num_cpus`). Logical CPUs are
+    bookkeeping: on a small box Ray gets as many as the app's bundles ask; before Ray runs, an
+    `auto` accelerator counts as CPU, the larger ask (one bundle CPU per device, not per engine)."""
+    if settings.RAY_ADDRESS:
+        return {"address": settings.RAY_ADDRESS}
+    accelerator = Accelerator.CPU if settings.ACCELERATOR is Accelerator.AUTO else settings.ACCELERATOR
+    return {"address": "local", "num_cpus": max(cpu_count, logical_cpus_needed(settings, accelerator))}

@@ -128,7 +128,8 @@ class Settings(BaseModel):
         LogFormat.TEXT, "Request log lines: `text` or `json` (one line per request; never prompt text).", INGRESS
     )
     RAY_ADDRESS: str | None = _field(
-        None, "Ray cluster to join (`auto`, `ray://...`); unset: `make serve` starts a local one.", SCALING
+        None, "Ray cluster to join (`auto`: the one `ray start` runs on this machine; `ray://...`); unset: "
+        "`make serve` and the RunPod worker start a head of their own.", SCALING
     )
     SERVE_HOST: str = _field("127.0.0.1", "Address Serve's HTTP ingress (HAProxy) binds (image: 0.0.0.0).", INGRESS)
     SERVE_PORT: int = _field(8000, "Port of Serve's HTTP ingress (HAProxy).", INGRESS, ge=1, le=65535)

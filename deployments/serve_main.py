@@ -6,6 +6,9 @@ import os
 import signal
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 
 from configs.ray_env import apply_serve_performance_env
 
@@ -16,20 +19,41 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from configs.loader import SettingsError, load_settings  # noqa: E402
-from configs.placement import logical_cpus_needed  # noqa: E402
-from configs.platform import resolve_accelerator  # noqa: E402
+from configs.placement import ray_init_kwargs  # noqa: E402
 from configs.settings import Settings  # noqa: E402
 from deployments.app import APP_NAME, ROUTE_PREFIX, build_app_from_settings  # noqa: E402
 
+READY_TIMEOUT_S = 120.0
+READY_POLL_S = 0.25
 
-def start_ray(settings: Settings) -> None:
-    if settings.RAY_ADDRESS:
-        ray.init(address=settings.RAY_ADDRESS)
-        return
-    # Logical CPUs are bookkeeping: on a small box give Ray as many as the app's bundles ask.
-    accelerator = resolve_accelerator(settings.ACCELERATOR) if settings.ACCELERATOR.value != "auto" else None
-    needed = logical_cpus_needed(settings, accelerator) if accelerator else settings.devices_per_engine
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+
+def health_url(host: str, port: int) -> str:
+    """Where this machine reaches the ingress: a wildcard bind (the image's 0.0.0.0) on loopback."""
+    reachable = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in reachable:
+        reachable = f"[{reachable}]"
+    return f"http://{reachable}:{port}/health"
+
+
+def wait_until_healthy(url: str, timeout_s: float, stop: threading.Event, poll_s: float = READY_POLL_S) -> str | None:
+    """Poll `/health` until it answers 200; None then, else the last answer when time runs out or
+    `stop` is set. `serve.run` returns once the replicas are up, but HAProxy starts routing to the
+    router a moment later and answers 404/503 of its own until then: "Serving" is printed after."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # not the shell's HTTP proxy
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            with direct.open(url, timeout=5) as response:
+                if response.status == 200:
+                    return None
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:  # URLError, refused, timed out
+            last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        if time.monotonic() >= deadline or stop.wait(poll_s):
+            return last
 
 
 def run(settings: Settings) -> None:
@@ -43,18 +67,27 @@ def main() -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    start_ray(settings)
-    run(settings)
-    base = f"http://{settings.SERVE_HOST}:{settings.SERVE_PORT}"
-    print(f"Serving {settings.served_model_name} at {base}/v1 and {base}/openai/v1 (Ctrl-C stops)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        ray.init(**ray_init_kwargs(settings, os.cpu_count() or 1))
+        run(settings)
+        url = health_url(settings.SERVE_HOST, settings.SERVE_PORT)
+        unhealthy = wait_until_healthy(url, READY_TIMEOUT_S, stop)
+        base = f"http://{settings.SERVE_HOST}:{settings.SERVE_PORT}"
+        if unhealthy is not None and not stop.is_set():
+            print(f"The app is deployed but {url} answered {unhealthy} for {READY_TIMEOUT_S:.0f} s; "
+                  "still running (see `serve status` and the replica logs)", file=sys.stderr, flush=True)
+        elif unhealthy is None:
+            print(f"Serving {settings.served_model_name} at {base}/v1 and {base}/openai/v1 (Ctrl-C stops)",
+                  flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass
-    serve.shutdown()
-    ray.shutdown()
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
     return 0
 
 

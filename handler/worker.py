@@ -25,6 +25,7 @@ from ray import serve  # noqa: E402
 from ray.serve.handle import DeploymentHandle  # noqa: E402
 
 from configs.loader import load_settings  # noqa: E402
+from configs.placement import ray_init_kwargs  # noqa: E402
 from configs.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("handler")
@@ -49,10 +50,7 @@ def _deploy_app(args: dict[str, Any] | None = None) -> None:
 def connect(settings: Settings) -> DeploymentHandle:
     """Ray + the router's handle, deploying the app first when it isn't running."""
     if not ray.is_initialized():
-        if settings.RAY_ADDRESS:
-            ray.init(address=settings.RAY_ADDRESS)
-        else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, settings.devices_per_engine))
+        ray.init(**ray_init_kwargs(settings, os.cpu_count() or 1))
     if _app_status() != "RUNNING":
         logger.warning("Deploying the Serve app %r (model %s)...", APP_NAME, settings.served_model_name)
         started = time.monotonic()

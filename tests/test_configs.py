@@ -22,6 +22,7 @@ from configs.placement import (
     logical_cpus_needed,
     per_router_limit,
     placement_bundles,
+    ray_init_kwargs,
     router_deployment_options,
 )
 from configs.platform import accelerator_from_resources, resolve_accelerator
@@ -812,6 +813,17 @@ def test_logical_cpus_needed():
     assert logical_cpus_needed(settings(TENSOR_PARALLEL_SIZE=2, NUM_REPLICAS=3), Accelerator.CPU) == 6
     assert logical_cpus_needed(settings(TENSOR_PARALLEL_SIZE=4), Accelerator.GPU) == 1
     assert logical_cpus_needed(settings(MIN_REPLICAS=1, MAX_REPLICAS=3), Accelerator.CPU) == 3
+
+
+def test_ray_init_joins_ray_address_or_starts_a_head_of_its_own():
+    assert ray_init_kwargs(settings(RAY_ADDRESS="auto", TENSOR_PARALLEL_SIZE=4), 2) == {"address": "auto"}
+    # Never a bare ray.init(): it would join a `ray start` cluster found on this machine.
+    assert ray_init_kwargs(settings(), 2) == {"address": "local", "num_cpus": 2}
+    assert ray_init_kwargs(settings(TENSOR_PARALLEL_SIZE=2, NUM_REPLICAS=3), 2) == {"address": "local", "num_cpus": 6}
+    assert ray_init_kwargs(settings(TENSOR_PARALLEL_SIZE=2, NUM_REPLICAS=3), 32)["num_cpus"] == 32
+    # auto counts as CPU before Ray runs (the larger ask); GPU asks one CPU per engine.
+    assert ray_init_kwargs(settings(TENSOR_PARALLEL_SIZE=4, ACCELERATOR="auto"), 1)["num_cpus"] == 4
+    assert ray_init_kwargs(settings(TENSOR_PARALLEL_SIZE=4, ACCELERATOR="gpu", NUM_REPLICAS=2), 1)["num_cpus"] == 2
 
 
 # --- platform ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -333,3 +334,77 @@ def test_serve_deploy_with_args_on_a_running_cluster(cluster: LocalCluster):
     # Serve limit is 300 + 300 (default MAX_QUEUED_REQUESTS) + 64, not 300 + 1 + 64.
     router = app["deployments"]["Router"]["deployment_config"]
     assert router["max_ongoing_requests"] == 300 + 300 + 64
+
+
+def _read_lines(stream, sink: list[str], log: Path) -> None:
+    with open(log, "w") as out:
+        for line in stream:
+            sink.append(line)
+            out.write(line)
+            out.flush()
+
+
+@pytest.mark.timeout(900)
+def test_make_serve_starts_a_head_of_its_own_and_serves_when_it_says_so(cluster: LocalCluster):
+    """`make serve`'s process (`python -m deployments.serve_main`) on a machine where `ray start` left
+    a cluster: this module's, found by Ray through the same RAY_TMPDIR. Without RAY_ADDRESS it starts
+    a head of its own (a bare `ray.init()` would join that cluster and refuse `num_cpus`). The first
+    requests after its "Serving" line succeed; Ctrl-C (SIGINT to its process group, as a terminal
+    sends it) stops it and every process it started."""
+    c = cluster
+    assert (c.tmpdir / "ray" / "ray_current_cluster").exists()  # what a bare ray.init() would join
+    port = free_port_in(8400, 8499, {c.serve_port})
+    env = {
+        **c.env, **private_haproxy_ports(),
+        "MODEL_NAME": str(tiny_llama_path(CACHE_ROOT)), "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "made-tiny",
+        "MAX_MODEL_LEN": "256", "SERVE_PORT": str(port), "PYTHONUNBUFFERED": "1",
+    }
+    log = c.tmpdir / "make_serve.log"
+    lines: list[str] = []
+    proc = subprocess.Popen([sys.executable, "-m", "deployments.serve_main"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines, log), daemon=True)
+    reader.start()
+    started = time.monotonic()
+    procs: list[psutil.Process] = []
+    try:
+        while not any(line.startswith("Serving made-tiny at ") for line in lines):
+            assert proc.poll() is None, f"serve_main exited {proc.returncode}:\n{''.join(lines)[-6000:]}"
+            assert time.monotonic() - started < DEPLOY_TIMEOUT_S, "no Serving line:\n" + "".join(lines)[-6000:]
+            time.sleep(0.05)
+        print(f"\n[make-serve] Serving after {time.monotonic() - started:.1f} s")
+        procs = _cluster_processes(psutil.Process(proc.pid))
+
+        from openai import OpenAI
+
+        # Right after the line, no retries: HAProxy already routes to the router.
+        for prefix in ("/v1", "/openai/v1"):
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}{prefix}", api_key="unused", max_retries=0,
+                            timeout=120)
+            assert [m.id for m in client.models.list().data] == ["made-tiny"]
+            chat = client.chat.completions.create(
+                model="made-tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0)
+            assert chat.usage.completion_tokens == 4
+        # Its own head: the `ray start` cluster's app is untouched (serve.run there would have replaced it).
+        deployed = httpx.get(f"http://127.0.0.1:{c.serve_port}/v1/models", timeout=30).json()
+        assert [m["id"] for m in deployed["data"]] == [SERVED_NAME]
+        head = next(p for p in procs if "gcs_server" in _names(p))
+        assert f"--gcs_server_port={c.gcs_port}" not in " ".join(head.cmdline())
+
+        stopping = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, "".join(lines)[-4000:]
+        deadline = time.monotonic() + 30
+        while _alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        took = time.monotonic() - stopping
+        print(f"[make-serve] Ctrl-C stopped it and its {len(procs)} processes in {took:.1f} s")
+        assert not _describe(_alive(procs)), f"outlived Ctrl-C: {_describe(_alive(procs))}"
+        assert not port_open(port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for p in _alive(procs):
+            p.kill()
+        reader.join(timeout=10)
