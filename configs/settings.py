@@ -123,7 +123,9 @@ class Settings(BaseModel):
         8 * 1024 * 1024, "Largest request body (bytes) the ingress reads; larger: 400 naming `body`.", INGRESS, ge=1024
     )
     MAX_N: int = _field(128, "Largest `n` (choices per request).", INGRESS, ge=1)
-    MAX_MESSAGES: int = _field(2048, "Most `messages` in one chat request.", INGRESS, ge=1)
+    MAX_MESSAGES: int = _field(
+        2048, "Most `messages` in one chat request (items of a Responses `input`).", INGRESS, ge=1
+    )
     LOG_FORMAT: LogFormat = _field(
         LogFormat.TEXT, "Request log lines: `text` or `json` (one line per request; never prompt text).", INGRESS
     )

@@ -1,5 +1,6 @@
 """Request limits the ingress enforces before a request reaches an engine: body size, `n`,
-`messages`, `max_tokens` against the context. Each violation is a 400 naming the field. Pure."""
+`messages` (and a Responses `input` list), `max_tokens` against the context. Each violation is a
+400 naming the field. Pure."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _int_field(payload: dict[str, Any], name: str) -> int | None:
 
 
 def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields: frozenset[str] = frozenset()) -> None:
-    """Limits on a chat or completion request body (vLLM's own validation runs after these).
+    """Limits on a chat, completion or responses request body (vLLM's own validation runs after these).
     `object_fields` are fields the request model types as objects: some of vLLM 0.32's validators
     crash (a 500) on a list there instead of rejecting it."""
     for name in object_fields:
@@ -71,7 +72,10 @@ def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields:
             role = message.get("role") if isinstance(message, dict) else None
             if isinstance(message, dict) and not (isinstance(role, str) and ROLE_NAME.fullmatch(role)):
                 raise ClientError(f"`messages[{i}].role` must be a role name, got {role!r}", f"messages[{i}].role")
-    for name in ("max_tokens", "max_completion_tokens"):
+    items = payload.get("input")  # the Responses API's conversation
+    if isinstance(items, list) and len(items) > limits.max_messages:
+        raise ClientError(f"`input` has {len(items)} items; at most {limits.max_messages} (MAX_MESSAGES)", "input")
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = _int_field(payload, name)
         if value is None:
             continue

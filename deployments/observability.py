@@ -16,7 +16,9 @@ logger = logging.getLogger("ray.serve")
 
 # Histogram buckets in seconds: TTFT lives in milliseconds on a GPU, seconds under load.
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
-_USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
+# Generated tokens in a usage object: chat and completions name them completion_tokens, the
+# Responses API output_tokens.
+_USAGE = re.compile(rb'"(?:completion|output)_tokens":\s*(\d+)')
 
 
 class RouterMetrics:

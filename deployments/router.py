@@ -64,24 +64,36 @@ app = FastAPI(
 
 def _openapi_with_request_models() -> dict[str, Any]:
     """The routes pass request bytes through, so FastAPI can't see their models: declare vLLM's
-    chat and completion request models (the real contract) in the schema clients and fuzzers read."""
+    request models (the real contract) in the schema clients and fuzzers read."""
     if app.openapi_schema:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
+    from pydantic import TypeAdapter
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+
+    # (path prefixes, route, schema name, request model or union)
+    request_models: list[tuple[tuple[str, ...], str, str, Any]] = [
+        (PREFIXES, "/chat/completions", "ChatCompletionRequest", ChatCompletionRequest),
+        (PREFIXES, "/completions", "CompletionRequest", CompletionRequest),
+        (PREFIXES, "/responses", "ResponsesRequest", ResponsesRequest),
+        (("",), "/tokenize", "TokenizeRequest", TokenizeRequest),  # a union: a prompt or messages
+        (("",), "/detokenize", "DetokenizeRequest", DetokenizeRequest),
+    ]
 
     schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for route, model in (("/chat/completions", ChatCompletionRequest), ("/completions", CompletionRequest)):
-        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for prefixes, route, name, model in request_models:
+        model_schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
         components.update(model_schema.pop("$defs", {}))
-        components[model.__name__] = model_schema
-        for prefix in PREFIXES:
+        components[name] = model_schema
+        for prefix in prefixes:
             operation = schema["paths"][prefix + route]["post"]
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
             }
     app.openapi_schema = schema
     return schema
@@ -172,6 +184,20 @@ class Router:
     async def completions(self, request: Request) -> Response:
         return await self._forward(request, "/v1/completions", generation=True)
 
+    @app.post("/v1/responses")
+    @app.post("/openai/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        # Stateless, as vLLM runs it by default: `store` is ignored, so there is nothing to GET later.
+        return await self._forward(request, "/v1/responses", generation=True)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward(request, "/tokenize", generation=False)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._forward(request, "/detokenize", generation=False)
+
     # --- the path every OpenAI request takes ------------------------------------------------------
     def _authorize(self, authorization: str | None) -> None:
         if not self._api_keys:
@@ -254,17 +280,17 @@ class Router:
             media_type = engine_headers.get("content-type", "application/json")
             return Response(first_part, status_code=status, media_type=media_type, headers=response_headers)
         return StreamingResponse(
-            self._relay(stream, first_part, record, generation),
+            self._relay(stream, first_part, record, generation, STREAM_END_CHECKS.get(path, ends_with_done)),
             status_code=status,
             media_type="text/event-stream",
             headers=response_headers,
         )
 
-    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool
-                     ) -> AsyncIterator[bytes]:
+    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool,
+                     finished: Callable[[bytes], bool]) -> AsyncIterator[bytes]:
         """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
         try:
-            async for part in _whole_stream(first_part, stream):
+            async for part in _whole_stream(first_part, stream, finished):
                 record.count_stream_part(part)
                 yield part
         except Exception as exc:
@@ -317,7 +343,8 @@ class Router:
                 if not more:
                     yield json.loads(first_part)
                 else:
-                    async for events in _sse_event_groups(first_part, stream):
+                    finished = STREAM_END_CHECKS.get(job.route, ends_with_done)
+                    async for events in _sse_event_groups(first_part, stream, finished):
                         yield events
                 return
             async for output in _native_outputs(job, first_part, stream):
@@ -375,12 +402,14 @@ def load_request_fields() -> RequestFields:
     the accepted fields, since vLLM's request models ignore unknown fields)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
     return RequestFields(
         chat=frozenset(ChatCompletionRequest.model_fields),
         completion=frozenset(CompletionRequest.model_fields),
         objects={"/v1/chat/completions": object_fields(ChatCompletionRequest),
-                 "/v1/completions": object_fields(CompletionRequest)},
+                 "/v1/completions": object_fields(CompletionRequest),
+                 "/v1/responses": object_fields(ResponsesRequest)},
     )
 
 
@@ -414,10 +443,11 @@ def _error_message(body: bytes) -> str:
         return body.decode("utf-8", "replace")
 
 
-async def _sse_event_groups(first_part: bytes, stream: Any) -> AsyncIterator[str]:
+async def _sse_event_groups(first_part: bytes, stream: Any, finished: Callable[[bytes], bool]
+                            ) -> AsyncIterator[str]:
     """The stream as strings of whole SSE events: never cut inside an event or a UTF-8 character."""
     buffer = b""
-    async for part in _whole_stream(first_part, stream):
+    async for part in _whole_stream(first_part, stream, finished):
         buffer += part
         cut = buffer.rfind(b"\n\n")
         if cut >= 0:
@@ -428,22 +458,43 @@ async def _sse_event_groups(first_part: bytes, stream: Any) -> AsyncIterator[str
 
 
 SSE_END = b"data: [DONE]\n\n"
+# The events a Responses API stream ends with: vLLM sends no `data: [DONE]` there.
+RESPONSES_FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed", b"error"})
 
 
 class StreamCut(EngineUnavailable):
-    """The engine's SSE stream stopped before vLLM's closing `data: [DONE]`."""
+    """The engine's SSE stream stopped before its closing event."""
 
 
-async def _whole_stream(first_part: bytes, stream: Any) -> AsyncIterator[bytes]:
-    """The engine's SSE parts; a StreamCut after them if they stop short. vLLM ends every stream
-    with `data: [DONE]`, failed ones too, so a stream without it was cut (its engine went away
-    mid-response) and the caller must get an error, not what looks like a finished answer."""
+def ends_with_done(last_part: bytes) -> bool:
+    """Chat and completion streams: vLLM ends every one with `data: [DONE]`, failed ones too."""
+    return last_part.endswith(SSE_END)
+
+
+def ends_with_final_response_event(last_part: bytes) -> bool:
+    """Responses API streams: the last event is `response.completed` (or a failure's own event)."""
+    events = [event for event in last_part.split(b"\n\n") if event.strip()]
+    if not events:
+        return False
+    first_line = events[-1].lstrip(b"\r\n").split(b"\n", 1)[0].strip()
+    return first_line.startswith(b"event:") and first_line[len(b"event:"):].strip() in RESPONSES_FINAL_EVENTS
+
+
+# Per route, how a finished stream ends (ends_with_done for the others).
+STREAM_END_CHECKS: dict[str, Callable[[bytes], bool]] = {"/v1/responses": ends_with_final_response_event}
+
+
+async def _whole_stream(first_part: bytes, stream: Any, finished: Callable[[bytes], bool] = ends_with_done
+                        ) -> AsyncIterator[bytes]:
+    """The engine's SSE parts; a StreamCut after them if they stop short. A stream that did not end
+    with its closing event was cut (its engine went away mid-response) and the caller must get an
+    error, not what looks like a finished answer."""
     last = first_part
     yield first_part
     async for part in stream:
         last = part or last  # the body's closing message is usually empty
         yield part
-    if not last.endswith(SSE_END):
+    if not finished(last):
         raise StreamCut("The engine's stream stopped before it finished; retry the request.")
 
 

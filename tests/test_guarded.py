@@ -70,6 +70,9 @@ def test_api_key_missing_wrong_and_right(app):
                          headers={"authorization": "Bearer nope"}), 401)
     with httpx.Client(base_url=app.base_url, timeout=60) as http:
         assert_envelope(http.get("/v1/models"), 401)
+        assert_envelope(http.post("/v1/responses", json={"model": "tiny", "input": "hi"}), 401)
+        assert_envelope(http.post("/tokenize", json={"model": "tiny", "prompt": "hi"}), 401)
+        assert_envelope(http.post("/detokenize", json={"model": "tiny", "tokens": [1]}), 401)
         assert http.get("/health").status_code == 200  # health stays open
         for key in KEYS:
             models = http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
@@ -300,7 +303,12 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert "/v1/chat/completions" in done.stdout  # the request models really were fuzzed
+    # Every operation of the schema was fuzzed (chat, completions, responses, tokenize...), the
+    # request models of vLLM's that it declares included.
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        operations = sum(len(methods) for methods in http.get("/openapi.json").json()["paths"].values())
+    assert operations >= 11 and f"Tested: {operations}\n" in done.stdout, done.stdout[-3000:]
+    assert "/v1/chat/completions" in done.stdout
     assert post(app, "/v1/chat/completions", chat_body()).status_code == 200
 
 

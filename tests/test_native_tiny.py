@@ -145,3 +145,18 @@ def test_openai_route_stream_yields_whole_sse_events(app):
     assert outputs[-1].rstrip().endswith("data: [DONE]")
     direct = app.client().completions.create(model="tiny", prompt="fox", max_tokens=12, temperature=0)
     assert text == direct.choices[0].text
+
+
+def test_openai_route_responses_api_streams_to_its_completed_event(app):
+    body = {"model": "tiny", "input": "fox", "max_output_tokens": 12, "temperature": 0}
+    [whole] = run_job(app, {"openai_route": "/openai/v1/responses", "openai_input": body})
+    assert whole["object"] == "response"
+    outputs = run_job(app, {"openai_route": "/v1/responses", "openai_input": {**body, "stream": True}})
+    events = [event for out in outputs for event in out.split("\n\n") if event.strip()]
+    names = [event.split("\n", 1)[0].removeprefix("event: ") for event in events]
+    assert names[0] == "response.created" and names[-1] == "response.completed", names
+    text = "".join(json.loads(event.split("\ndata: ", 1)[1])["delta"]
+                   for name, event in zip(names, events, strict=True) if name == "response.output_text.delta")
+    whole_text = "".join(part["text"] for item in whole["output"] if item["type"] == "message"
+                         for part in item["content"] if part["type"] == "output_text")
+    assert text == whole_text

@@ -121,3 +121,72 @@ def test_sse_stream_is_well_formed(app):
     for event in events[:-1]:
         assert event.startswith(b"data: ")
         json.loads(event[6:])
+
+
+# --- the Responses API and tokenize, as `vllm serve` has them ------------------------------------------
+
+
+def test_responses_api_streams_what_it_answers_on_both_prefixes(app):
+    texts = []
+    for prefix in ("/v1", "/openai/v1"):
+        client = app.client(prefix)
+        full = client.responses.create(model="tiny", input="the capital of france", max_output_tokens=12,
+                                       temperature=0)
+        assert full.object == "response" and 0 < full.usage.output_tokens <= 12
+        events = list(client.responses.create(model="tiny", input="the capital of france", max_output_tokens=12,
+                                              temperature=0, stream=True))
+        # The stream closes with response.completed (no `data: [DONE]`), not an error event of the router's.
+        assert events[0].type == "response.created" and events[-1].type == "response.completed"
+        streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert streamed == full.output_text == events[-1].response.output_text
+        texts.append(full.output_text)
+    assert texts[0] == texts[1]
+
+
+def test_responses_api_takes_a_conversation_and_instructions(app):
+    response = app.client().responses.create(
+        model="tiny", instructions="Answer briefly.", max_output_tokens=4,
+        input=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "the capital of france"}],
+    )
+    assert response.status in ("completed", "incomplete") and response.usage.input_tokens > 10
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"max_output_tokens": 100_000}, "max_output_tokens"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": [{"role": "user", "content": "x"}] * 2049}, "input"),  # MAX_MESSAGES: 2048
+    ({"text": []}, "text"),  # an object field given a list: refused before vLLM's validators see it
+])
+def test_responses_api_limits_are_400_envelopes_from_the_router(app, body, param):
+    with app.http() as http:
+        response = http.post("/v1/responses", json={"model": "tiny", "input": "hi", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == 400
+
+
+def test_responses_api_bad_input_is_vllms_400_envelope(app):
+    with pytest.raises(openai.BadRequestError) as err:
+        app.client().responses.create(model="tiny", input="fox " * 2000, max_output_tokens=2)
+    assert err.value.body["code"] == 400 and "512" in err.value.body["message"]
+
+
+def test_tokenize_and_detokenize_round_trip(app, tiny_tokenizer):
+    with app.http() as http:
+        tokens = http.post("/tokenize", json={"model": "tiny", "prompt": "the quick brown fox"})
+        assert tokens.status_code == 200, tokens.text
+        body = tokens.json()
+        assert body["tokens"] == tiny_tokenizer("the quick brown fox")["input_ids"]
+        assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 512
+        chat = http.post("/tokenize", json={"model": "tiny", "messages": MESSAGES, "add_generation_prompt": True})
+        prompt_ids = tiny_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+        if hasattr(prompt_ids, "keys"):
+            prompt_ids = prompt_ids["input_ids"]
+        assert chat.json()["tokens"] == list(prompt_ids)
+        text = http.post("/detokenize", json={"model": "tiny", "tokens": body["tokens"]})
+        assert text.status_code == 200, text.text
+        assert text.json()["prompt"] == tiny_tokenizer.decode(body["tokens"])
+        assert text.json()["prompt"].endswith("the quick brown fox")
+        bad = http.post("/tokenize", json={"model": "nope", "prompt": "x"})
+        assert bad.status_code == 404 and bad.json()["error"]["code"] == 404

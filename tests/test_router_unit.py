@@ -9,7 +9,15 @@ import threading
 
 import pytest
 
-from deployments.router import StreamCut, _whole_stream, in_background_at_lowest_priority, load_request_fields
+from deployments.router import (
+    STREAM_END_CHECKS,
+    StreamCut,
+    _whole_stream,
+    ends_with_done,
+    ends_with_final_response_event,
+    in_background_at_lowest_priority,
+    load_request_fields,
+)
 
 
 def test_background_load_runs_at_the_lowest_priority_off_the_caller_thread():
@@ -40,6 +48,8 @@ def test_request_fields_come_from_vllms_request_models():
     assert {"prompt", "max_tokens", "logprobs"} <= fields.completion
     assert "response_format" in fields.objects["/v1/chat/completions"]
     assert "messages" not in fields.objects["/v1/chat/completions"]  # a list, not an object
+    assert {"text", "reasoning"} <= fields.objects["/v1/responses"]
+    assert "input" not in fields.objects["/v1/responses"]  # a string or a list
 
 
 async def _parts(*parts: bytes):
@@ -47,11 +57,11 @@ async def _parts(*parts: bytes):
         yield part
 
 
-def _read(first: bytes, *rest: bytes) -> tuple[list[bytes], BaseException | None]:
+def _read(first: bytes, *rest: bytes, finished=ends_with_done) -> tuple[list[bytes], BaseException | None]:
     async def main() -> tuple[list[bytes], BaseException | None]:
         seen: list[bytes] = []
         try:
-            async for part in _whole_stream(first, _parts(*rest)):
+            async for part in _whole_stream(first, _parts(*rest), finished):
                 seen.append(part)
         except StreamCut as exc:
             return seen, exc
@@ -73,3 +83,25 @@ def test_a_stream_stopping_before_dones_fails_after_what_it_carried():
     seen, error = _read(*parts)
     assert seen == parts
     assert isinstance(error, StreamCut) and "retry" in str(error)
+
+
+def _event(name: str, data: str = "{}") -> bytes:
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+def test_a_responses_stream_ends_with_its_final_event_not_done():
+    """vLLM's Responses API stream has no `data: [DONE]`: response.completed (or a failure's own
+    event) closes it. Without its own check every Responses stream would end in a false error."""
+    finished = STREAM_END_CHECKS["/v1/responses"]
+    assert finished is ends_with_final_response_event
+    whole = [_event("response.created"), _event("response.output_text.delta"), _event("response.completed"), b""]
+    assert _read(*whole, finished=finished) == (whole, None)
+    for last in ("response.incomplete", "response.failed", "error"):
+        assert finished(_event("response.output_text.delta") + _event(last))
+    cut = [_event("response.created"), _event("response.output_text.delta"), b""]
+    seen, error = _read(*cut, finished=finished)
+    assert seen == cut and isinstance(error, StreamCut)
+    assert not finished(b"data: [DONE]\n\n") and not finished(b"")
+    # A delta whose text mentions the final event's name is still a delta.
+    assert not finished(_event("response.output_text.delta", '{"delta": "event: response.completed"}'))
+    assert "/v1/chat/completions" not in STREAM_END_CHECKS  # chat and completions: ends_with_done
