@@ -27,6 +27,8 @@ logger = logging.getLogger("ray.serve")
 # in a registry nothing scrapes here. Each wraps every streamed chunk's `send` (both showed in the
 # engine replica's py-spy profile under load). vLLM's other middleware stays.
 HTTP_ONLY_MIDDLEWARE = frozenset({"CORSMiddleware", "PrometheusInstrumentatorMiddleware"})
+# FastAPI's answer for a route the app doesn't have.
+ROUTE_NOT_FOUND = b'{"detail":"Not Found"}'
 
 
 def parse_vllm_args(cli_args: list[str]):
@@ -104,6 +106,7 @@ class EngineServer:
             disable_log_stats=engine_args.disable_log_stats,
         )
         tasks = await self._engine.get_supported_tasks()
+        self._tasks = tuple(tasks)
         self._app = build_app(args, tasks, self._engine.model_config)
         without_http_only_middleware(self._app)
         await init_app_state(self._engine, self._app.state, args, tasks)
@@ -128,6 +131,13 @@ class EngineServer:
             status, first_part = 503, json.dumps(envelope(
                 "The engine died; its replica is being replaced. Retry the request.",
                 "ServiceUnavailableError", 503,
+            )).encode()
+        elif status == 404 and not more and first_part == ROUTE_NOT_FOUND:
+            # vLLM registers only the routes its model's tasks serve (no chat on an embedding
+            # model, no embeddings on a generation model); its FastAPI 404 is not an envelope.
+            first_part = json.dumps(envelope(
+                f"The model {self._served_model_name} does not serve {path} "
+                f"(it runs as: {', '.join(self._tasks)})", "NotFoundError", 404,
             )).encode()
         # Which replica answered: for operators reading logs, and for tests of replica spread.
         yield status, [*response_headers, self._replica_header], first_part, more

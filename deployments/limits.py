@@ -43,7 +43,13 @@ def _int_field(payload: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields: frozenset[str] = frozenset()) -> None:
+# Routes whose `input` is a conversation (limited like `messages`); elsewhere (embeddings) an
+# `input` list is a batch of texts or one prompt's token ids.
+CONVERSATION_INPUT_ROUTES = frozenset({"/v1/responses"})
+
+
+def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields: frozenset[str] = frozenset(),
+                  route: str = "") -> None:
     """Limits on a chat, completion or responses request body (vLLM's own validation runs after these).
     `object_fields` are fields the request model types as objects: some of vLLM 0.32's validators
     crash (a 500) on a list there instead of rejecting it."""
@@ -72,7 +78,7 @@ def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields:
             role = message.get("role") if isinstance(message, dict) else None
             if isinstance(message, dict) and not (isinstance(role, str) and ROLE_NAME.fullmatch(role)):
                 raise ClientError(f"`messages[{i}].role` must be a role name, got {role!r}", f"messages[{i}].role")
-    items = payload.get("input")  # the Responses API's conversation
+    items = payload.get("input") if route in CONVERSATION_INPUT_ROUTES else None
     if isinstance(items, list) and len(items) > limits.max_messages:
         raise ClientError(f"`input` has {len(items)} items; at most {limits.max_messages} (MAX_MESSAGES)", "input")
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):

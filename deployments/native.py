@@ -25,6 +25,7 @@ OPENAI_ROUTES: dict[str, str] = {
     "/v1/chat/completions": "POST",
     "/v1/completions": "POST",
     "/v1/responses": "POST",
+    "/v1/embeddings": "POST",
 }
 NATIVE_KEYS = frozenset({
     "prompt", "messages", "apply_chat_template", "sampling_params", "stream",

@@ -72,6 +72,7 @@ def _openapi_with_request_models() -> dict[str, Any]:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
     from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
     # (path prefixes, route, schema name, request model or union)
@@ -79,6 +80,7 @@ def _openapi_with_request_models() -> dict[str, Any]:
         (PREFIXES, "/chat/completions", "ChatCompletionRequest", ChatCompletionRequest),
         (PREFIXES, "/completions", "CompletionRequest", CompletionRequest),
         (PREFIXES, "/responses", "ResponsesRequest", ResponsesRequest),
+        (PREFIXES, "/embeddings", "EmbeddingRequest", EmbeddingRequest),  # a union: texts or messages
         (("",), "/tokenize", "TokenizeRequest", TokenizeRequest),  # a union: a prompt or messages
         (("",), "/detokenize", "DetokenizeRequest", DetokenizeRequest),
     ]
@@ -190,6 +192,13 @@ class Router:
         # Stateless, as vLLM runs it by default: `store` is ignored, so there is nothing to GET later.
         return await self._forward(request, "/v1/responses", generation=True)
 
+    @app.post("/v1/embeddings")
+    @app.post("/openai/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        # Served when the model runs as a pooling model (vLLM picks that for embedding models;
+        # RUNNER=pooling CONVERT=embed for others); otherwise the engine answers a 404 envelope.
+        return await self._forward(request, "/v1/embeddings", generation=True)
+
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
         return await self._forward(request, "/tokenize", generation=False)
@@ -231,7 +240,7 @@ class Router:
     async def _admit(self, path: str, body: bytes) -> None:
         """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
         fields = await self._request_fields()
-        check_request(parse_body(body), self._limits, fields.objects[path])
+        check_request(parse_body(body), self._limits, fields.objects[path], path)
         await self._limiter.acquire()
         self._observer.update_gauges()
 
@@ -321,7 +330,7 @@ class Router:
             generation = job.method == "POST"
             if generation:
                 check_size(len(json.dumps(job.body)), self._limits)
-                check_request(job.body, self._limits, fields.objects[job.route])
+                check_request(job.body, self._limits, fields.objects[job.route], job.route)
                 await self._limiter.acquire()
         except Exception as exc:
             self._fail(exc, record)
@@ -367,12 +376,22 @@ class Router:
 
 
 def object_fields(model: Any) -> frozenset[str]:
-    """Fields a pydantic request model types as an object (a nested model or a dict, maybe optional)."""
+    """Fields a pydantic request model types as an object (a nested model or a dict, maybe optional).
+    For a union of request models (vLLM's EmbeddingRequest), the fields every member that has them
+    types as an object."""
     import dataclasses
     import types
     import typing
 
     from pydantic import BaseModel
+
+    if typing.get_origin(model) is typing.Annotated:
+        model = typing.get_args(model)[0]
+    if typing.get_origin(model) in (typing.Union, types.UnionType):
+        members = typing.get_args(model)
+        found = {name for member in members for name in object_fields(member)}
+        return frozenset(name for name in found
+                         if all(name in object_fields(m) for m in members if name in m.model_fields))
 
     def is_object(annotation: Any) -> bool:
         origin = typing.get_origin(annotation)
@@ -403,13 +422,15 @@ def load_request_fields() -> RequestFields:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 
     return RequestFields(
         chat=frozenset(ChatCompletionRequest.model_fields),
         completion=frozenset(CompletionRequest.model_fields),
         objects={"/v1/chat/completions": object_fields(ChatCompletionRequest),
                  "/v1/completions": object_fields(CompletionRequest),
-                 "/v1/responses": object_fields(ResponsesRequest)},
+                 "/v1/responses": object_fields(ResponsesRequest),
+                 "/v1/embeddings": object_fields(EmbeddingRequest)},
     )
 
 

@@ -359,7 +359,7 @@ def test_openai_route_batch_fields_override_defaults():
     assert job.batch == BatchPolicy(4, 1, 3.0)
 
 
-@pytest.mark.parametrize("route", ["/v1/embeddings", "/v2/models", "/", 42])
+@pytest.mark.parametrize("route", ["/v1/rerank", "/v2/models", "/", 42])
 def test_unknown_openai_route_is_an_error(route: Any):
     assert norm_error({"openai_route": route, "openai_input": {}}).param == "openai_route"
 

@@ -50,6 +50,9 @@ def test_request_fields_come_from_vllms_request_models():
     assert "messages" not in fields.objects["/v1/chat/completions"]  # a list, not an object
     assert {"text", "reasoning"} <= fields.objects["/v1/responses"]
     assert "input" not in fields.objects["/v1/responses"]  # a string or a list
+    # A union of request models (embeddings: texts or messages): the members' object fields.
+    assert "chat_template_kwargs" in fields.objects["/v1/embeddings"]
+    assert "input" not in fields.objects["/v1/embeddings"]
 
 
 async def _parts(*parts: bytes):
