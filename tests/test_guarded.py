@@ -299,14 +299,18 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
         [str(st), "run", f"{app.base_url}/openapi.json", "--url", app.base_url,
          "--checks", "not_a_server_error", "--max-examples", "12", "--workers", "1", "--seed", "7",
          "--phases", "examples,coverage,fuzzing", "--max-time", "150", "--no-color",
-         "--generation-database", "none", "-H", f"Authorization: {AUTH['authorization']}"],
+         "--generation-database", "none", "-H", f"Authorization: {AUTH['authorization']}",
+         # A generating model has no embeddings route (a 404 envelope, tests/test_embeddings_tiny.py),
+         # and the coverage phase of vLLM's EmbeddingRequest union alone takes the whole budget.
+         "--exclude-path-regex", "embeddings"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    # Every operation of the schema was fuzzed (chat, completions, responses, tokenize...), the
-    # request models of vLLM's that it declares included.
+    # Every other operation of the schema was tested (chat, completions, responses, tokenize...),
+    # the request models of vLLM's that it declares included.
     with httpx.Client(base_url=app.base_url, timeout=30) as http:
-        operations = sum(len(methods) for methods in http.get("/openapi.json").json()["paths"].values())
+        paths = http.get("/openapi.json").json()["paths"]
+    operations = sum(len(methods) for path, methods in paths.items() if "embeddings" not in path)
     assert operations >= 11 and f"Tested: {operations}\n" in done.stdout, done.stdout[-3000:]
     assert "/v1/chat/completions" in done.stdout
     assert post(app, "/v1/chat/completions", chat_body()).status_code == 200
