@@ -69,30 +69,16 @@ def _openapi_with_request_models() -> dict[str, Any]:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
     from pydantic import TypeAdapter
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
-
-    # (path prefixes, route, schema name, request model or union)
-    request_models: list[tuple[tuple[str, ...], str, str, Any]] = [
-        (PREFIXES, "/chat/completions", "ChatCompletionRequest", ChatCompletionRequest),
-        (PREFIXES, "/completions", "CompletionRequest", CompletionRequest),
-        (PREFIXES, "/responses", "ResponsesRequest", ResponsesRequest),
-        (PREFIXES, "/embeddings", "EmbeddingRequest", EmbeddingRequest),  # a union: texts or messages
-        (("",), "/tokenize", "TokenizeRequest", TokenizeRequest),  # a union: a prompt or messages
-        (("",), "/detokenize", "DetokenizeRequest", DetokenizeRequest),
-    ]
 
     schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for prefixes, route, name, model in request_models:
+    for route, (name, model) in vllm_request_models().items():
         model_schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
         components.update(model_schema.pop("$defs", {}))
         components[name] = model_schema
-        for prefix in prefixes:
-            operation = schema["paths"][prefix + route]["post"]
+        # The OpenAI routes are served under /openai/v1 too.
+        for path in (route, "/openai" + route) if route.startswith("/v1/") else (route,):
+            operation = schema["paths"][path]["post"]
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
@@ -289,17 +275,17 @@ class Router:
             media_type = engine_headers.get("content-type", "application/json")
             return Response(first_part, status_code=status, media_type=media_type, headers=response_headers)
         return StreamingResponse(
-            self._relay(stream, first_part, record, generation, STREAM_END_CHECKS.get(path, ends_with_done)),
+            self._relay(stream, first_part, record, generation),
             status_code=status,
             media_type="text/event-stream",
             headers=response_headers,
         )
 
-    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool,
-                     finished: Callable[[bytes], bool]) -> AsyncIterator[bytes]:
+    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool
+                     ) -> AsyncIterator[bytes]:
         """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
         try:
-            async for part in _whole_stream(first_part, stream, finished):
+            async for part in _whole_stream(first_part, stream, record.route):
                 record.count_stream_part(part)
                 yield part
         except Exception as exc:
@@ -352,8 +338,7 @@ class Router:
                 if not more:
                     yield json.loads(first_part)
                 else:
-                    finished = STREAM_END_CHECKS.get(job.route, ends_with_done)
-                    async for events in _sse_event_groups(first_part, stream, finished):
+                    async for events in _sse_event_groups(first_part, stream, job.route):
                         yield events
                 return
             async for output in _native_outputs(job, first_part, stream):
@@ -416,21 +401,33 @@ class RequestFields:
     objects: dict[str, frozenset[str]]  # per route: fields typed as objects
 
 
-def load_request_fields() -> RequestFields:
-    """From vLLM's chat and completion request models (native sampling_params are checked against
-    the accepted fields, since vLLM's request models ignore unknown fields)."""
+def vllm_request_models() -> dict[str, tuple[str, Any]]:
+    """vLLM's request model (or union of models) for each route the router forwards a body on, with
+    its schema name: the one table behind the request checks and the OpenAPI schema."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
+    return {
+        "/v1/chat/completions": ("ChatCompletionRequest", ChatCompletionRequest),
+        "/v1/completions": ("CompletionRequest", CompletionRequest),
+        "/v1/responses": ("ResponsesRequest", ResponsesRequest),
+        "/v1/embeddings": ("EmbeddingRequest", EmbeddingRequest),  # a union: texts or messages
+        "/tokenize": ("TokenizeRequest", TokenizeRequest),  # a union: a prompt or messages
+        "/detokenize": ("DetokenizeRequest", DetokenizeRequest),
+    }
+
+
+def load_request_fields() -> RequestFields:
+    """From vLLM's request models (native sampling_params are checked against the chat and
+    completion fields, since vLLM's request models ignore unknown fields)."""
+    models = {route: model for route, (_, model) in vllm_request_models().items()}
     return RequestFields(
-        chat=frozenset(ChatCompletionRequest.model_fields),
-        completion=frozenset(CompletionRequest.model_fields),
-        objects={"/v1/chat/completions": object_fields(ChatCompletionRequest),
-                 "/v1/completions": object_fields(CompletionRequest),
-                 "/v1/responses": object_fields(ResponsesRequest),
-                 "/v1/embeddings": object_fields(EmbeddingRequest)},
+        chat=frozenset(models["/v1/chat/completions"].model_fields),
+        completion=frozenset(models["/v1/completions"].model_fields),
+        objects={route: object_fields(model) for route, model in models.items()},
     )
 
 
@@ -464,11 +461,10 @@ def _error_message(body: bytes) -> str:
         return body.decode("utf-8", "replace")
 
 
-async def _sse_event_groups(first_part: bytes, stream: Any, finished: Callable[[bytes], bool]
-                            ) -> AsyncIterator[str]:
+async def _sse_event_groups(first_part: bytes, stream: Any, route: str) -> AsyncIterator[str]:
     """The stream as strings of whole SSE events: never cut inside an event or a UTF-8 character."""
     buffer = b""
-    async for part in _whole_stream(first_part, stream, finished):
+    async for part in _whole_stream(first_part, stream, route):
         buffer += part
         cut = buffer.rfind(b"\n\n")
         if cut >= 0:
@@ -505,11 +501,11 @@ def ends_with_final_response_event(last_part: bytes) -> bool:
 STREAM_END_CHECKS: dict[str, Callable[[bytes], bool]] = {"/v1/responses": ends_with_final_response_event}
 
 
-async def _whole_stream(first_part: bytes, stream: Any, finished: Callable[[bytes], bool] = ends_with_done
-                        ) -> AsyncIterator[bytes]:
-    """The engine's SSE parts; a StreamCut after them if they stop short. A stream that did not end
-    with its closing event was cut (its engine went away mid-response) and the caller must get an
-    error, not what looks like a finished answer."""
+async def _whole_stream(first_part: bytes, stream: Any, route: str = "") -> AsyncIterator[bytes]:
+    """The engine's SSE parts of a stream on `route`; a StreamCut after them if they stop short. A
+    stream that did not end with its route's closing event was cut (its engine went away
+    mid-response) and the caller must get an error, not what looks like a finished answer."""
+    finished = STREAM_END_CHECKS.get(route, ends_with_done)
     last = first_part
     yield first_part
     async for part in stream:

@@ -13,7 +13,6 @@ from deployments.router import (
     STREAM_END_CHECKS,
     StreamCut,
     _whole_stream,
-    ends_with_done,
     ends_with_final_response_event,
     in_background_at_lowest_priority,
     load_request_fields,
@@ -60,11 +59,11 @@ async def _parts(*parts: bytes):
         yield part
 
 
-def _read(first: bytes, *rest: bytes, finished=ends_with_done) -> tuple[list[bytes], BaseException | None]:
+def _read(first: bytes, *rest: bytes, route: str = "") -> tuple[list[bytes], BaseException | None]:
     async def main() -> tuple[list[bytes], BaseException | None]:
         seen: list[bytes] = []
         try:
-            async for part in _whole_stream(first, _parts(*rest), finished):
+            async for part in _whole_stream(first, _parts(*rest), route):
                 seen.append(part)
         except StreamCut as exc:
             return seen, exc
@@ -98,11 +97,11 @@ def test_a_responses_stream_ends_with_its_final_event_not_done():
     finished = STREAM_END_CHECKS["/v1/responses"]
     assert finished is ends_with_final_response_event
     whole = [_event("response.created"), _event("response.output_text.delta"), _event("response.completed"), b""]
-    assert _read(*whole, finished=finished) == (whole, None)
+    assert _read(*whole, route="/v1/responses") == (whole, None)
     for last in ("response.incomplete", "response.failed", "error"):
         assert finished(_event("response.output_text.delta") + _event(last))
     cut = [_event("response.created"), _event("response.output_text.delta"), b""]
-    seen, error = _read(*cut, finished=finished)
+    seen, error = _read(*cut, route="/v1/responses")
     assert seen == cut and isinstance(error, StreamCut)
     assert not finished(b"data: [DONE]\n\n") and not finished(b"")
     # A delta whose text mentions the final event's name is still a delta.
