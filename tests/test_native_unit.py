@@ -133,6 +133,23 @@ def test_prompt_with_apply_chat_template_becomes_one_user_message():
     assert "prompt" not in job.body
 
 
+@pytest.mark.parametrize("job_input", [
+    {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+    {"prompt": "hi", "stream": True},
+])
+def test_streaming_jobs_ask_for_no_logprobs_of_their_own(job_input):
+    # Logprobs cost engine time on every token; token counts come from the token ids.
+    assert "logprobs" not in norm(job_input).body
+
+
+@pytest.mark.parametrize(("job_input", "asked"), [
+    ({"messages": [{"role": "user", "content": "hi"}], "sampling_params": {"logprobs": True}}, True),
+    ({"prompt": "hi", "sampling_params": {"logprobs": 2}}, 2),
+])
+def test_a_job_that_asks_for_logprobs_gets_them(job_input, asked):
+    assert norm({**job_input, "stream": True}).body["logprobs"] == asked
+
+
 def test_messages_override_prompt():
     messages = [{"role": "user", "content": "from messages"}]
     job = norm({"prompt": "from prompt", "messages": messages})
