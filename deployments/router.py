@@ -501,7 +501,7 @@ def ends_with_final_response_event(last_part: bytes) -> bool:
 STREAM_END_CHECKS: dict[str, Callable[[bytes], bool]] = {"/v1/responses": ends_with_final_response_event}
 
 
-async def _whole_stream(first_part: bytes, stream: Any, route: str = "") -> AsyncIterator[bytes]:
+async def _whole_stream(first_part: bytes, stream: Any, route: str) -> AsyncIterator[bytes]:
     """The engine's SSE parts of a stream on `route`; a StreamCut after them if they stop short. A
     stream that did not end with its route's closing event was cut (its engine went away
     mid-response) and the caller must get an error, not what looks like a finished answer."""
@@ -522,7 +522,7 @@ async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> Asy
             yield batch
         return
     buffer = b""
-    async for part in _whole_stream(first_part, stream):
+    async for part in _whole_stream(first_part, stream, job.route):
         events, buffer = split_sse(buffer + part)
         for event in events:
             payload = event_payload(event)
