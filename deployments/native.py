@@ -16,17 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.errors import ClientError
+from deployments.routes import ENGINE_ROUTES, engine_route
 
 # worker-vllm sent 100 when max_tokens was absent (vLLM's own default of 16 bit its users).
 DEFAULT_MAX_TOKENS = 100
 
-OPENAI_ROUTES: dict[str, str] = {
-    "/v1/models": "GET",
-    "/v1/chat/completions": "POST",
-    "/v1/completions": "POST",
-    "/v1/responses": "POST",
-    "/v1/embeddings": "POST",
-}
 NATIVE_KEYS = frozenset({
     "prompt", "messages", "apply_chat_template", "sampling_params", "stream",
     "max_batch_size", "min_batch_size", "batch_size_growth_factor",
@@ -210,15 +204,13 @@ def _normalize_openai_job(job_input: dict[str, Any], defaults: BatchPolicy) -> N
     if unknown:
         raise NativeInputError(f"unknown input field `{unknown[0]}` beside `openai_route`", unknown[0])
     route = _expect(job_input["openai_route"], str, "openai_route", "a string")
-    route = "/" + route.strip("/")
-    if route.startswith("/openai/"):
-        route = route[len("/openai"):]
-    if route not in OPENAI_ROUTES:
+    route = engine_route("/" + route.strip("/"))
+    if route not in ENGINE_ROUTES:
         raise NativeInputError(
-            f"unknown openai_route `{job_input['openai_route']}` (expected one of {', '.join(OPENAI_ROUTES)})",
+            f"unknown openai_route `{job_input['openai_route']}` (expected one of {', '.join(ENGINE_ROUTES)})",
             "openai_route",
         )
-    method = OPENAI_ROUTES[route]
+    method = ENGINE_ROUTES[route]
     body = job_input.get("openai_input")
     if method == "POST":
         body = _expect(body, dict, "openai_input", "an object (the OpenAI request body)")

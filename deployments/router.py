@@ -44,10 +44,10 @@ from deployments.native import (
     split_sse,
 )
 from deployments.observability import RequestObserver, RequestRecord, RouterMetrics
+from deployments.routes import engine_route
 
 logger = logging.getLogger("ray.serve")
 
-PREFIXES = ("/v1", "/openai/v1")
 HEALTH_TIMEOUT_S = 5.0
 # How long a non-generation call (models) waits for an engine before answering 503: a load
 # balancer's readiness probe must get an answer, not a hang, while the engine loads.
@@ -72,16 +72,18 @@ def _openapi_with_request_models() -> dict[str, Any]:
 
     schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for route, (name, model) in vllm_request_models().items():
+    models = vllm_request_models()
+    for name, model in models.values():
         model_schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
         components.update(model_schema.pop("$defs", {}))
         components[name] = model_schema
-        # The OpenAI routes are served under /openai/v1 too.
-        for path in (route, "/openai" + route) if route.startswith("/v1/") else (route,):
-            operation = schema["paths"][path]["post"]
-            operation["requestBody"] = {
+    # Every path with a body, its aliases and its /openai/v1 twin included, declares its route's model.
+    for path, operations in schema["paths"].items():
+        route = engine_route(path)
+        if "post" in operations and route in models:
+            operations["post"]["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{models[route][0]}"}}},
             }
     app.openapi_schema = schema
     return schema
@@ -184,6 +186,31 @@ class Router:
         # Served when the model runs as a pooling model (vLLM picks that for embedding models;
         # RUNNER=pooling CONVERT=embed for others); otherwise the engine answers a 404 envelope.
         return await self._forward(request, "/v1/embeddings", generation=True)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    @app.post("/openai/v1/score")
+    async def score(self, request: Request) -> Response:
+        # vLLM's scoring API, for pooling models: an embedding model scores pairs by the cosine of
+        # their embeddings, a cross-encoder (a classification model with one label) reads each pair.
+        return await self._forward(request, "/score", generation=True)
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    @app.post("/openai/v1/rerank")
+    async def rerank(self, request: Request) -> Response:
+        # Jina's and Cohere's rerank shape (a query and its documents), on the same scoring.
+        return await self._forward(request, "/rerank", generation=True)
+
+    @app.post("/classify")
+    async def classify(self, request: Request) -> Response:
+        return await self._forward(request, "/classify", generation=True)
+
+    @app.post("/pooling")
+    async def pooling(self, request: Request) -> Response:
+        # The pooling model's raw output (embeddings, class scores, per-token outputs).
+        return await self._forward(request, "/pooling", generation=True)
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
@@ -407,7 +434,10 @@ def vllm_request_models() -> dict[str, tuple[str, Any]]:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.classify.protocol import ClassificationRequest
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.pooling.pooling.protocol import PoolingRequest
+    from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
     from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
     return {
@@ -415,6 +445,10 @@ def vllm_request_models() -> dict[str, tuple[str, Any]]:
         "/v1/completions": ("CompletionRequest", CompletionRequest),
         "/v1/responses": ("ResponsesRequest", ResponsesRequest),
         "/v1/embeddings": ("EmbeddingRequest", EmbeddingRequest),  # a union: texts or messages
+        "/score": ("ScoreRequest", ScoreRequest),  # a union: text_1/text_2, queries/documents...
+        "/rerank": ("RerankRequest", RerankRequest),
+        "/classify": ("ClassificationRequest", ClassificationRequest),  # a union: texts or messages
+        "/pooling": ("PoolingRequest", PoolingRequest),
         "/tokenize": ("TokenizeRequest", TokenizeRequest),  # a union: a prompt or messages
         "/detokenize": ("DetokenizeRequest", DetokenizeRequest),
     }

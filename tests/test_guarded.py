@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import glob
 import json
+import re
 import time
 import uuid
 
@@ -287,6 +288,17 @@ def test_openapi_declares_the_request_models(app):
         assert body["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
     assert "messages" in schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    # Aliases declare their route's model.
+    for path, model in (("/score", "ScoreRequest"), ("/v1/score", "ScoreRequest"), ("/openai/v1/score", "ScoreRequest"),
+                        ("/v2/rerank", "RerankRequest"), ("/classify", "ClassificationRequest"),
+                        ("/pooling", "PoolingRequest")):
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{model}", path
+    assert "documents" in schema["components"]["schemas"]["RerankRequest"]["properties"]
+
+
+# The routes of pooling models (embeddings, scoring, classification), fuzzed on a pooling app instead.
+POOLING_PATHS = r"embeddings|score|rerank|classify|pooling"
 
 
 def test_schemathesis_finds_no_server_error(app, tmp_path):
@@ -300,9 +312,9 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
          "--checks", "not_a_server_error", "--max-examples", "12", "--workers", "1", "--seed", "7",
          "--phases", "examples,coverage,fuzzing", "--max-time", "150", "--no-color",
          "--generation-database", "none", "-H", f"Authorization: {AUTH['authorization']}",
-         # A generating model has no embeddings route (a 404 envelope, tests/test_embeddings_tiny.py),
-         # and the coverage phase of vLLM's EmbeddingRequest union alone takes the whole budget.
-         "--exclude-path-regex", "embeddings"],
+         # A generating model has no pooling routes (404 envelopes, tests/test_pooling_tiny.py), and
+         # the coverage phase of vLLM's EmbeddingRequest union alone takes the whole budget.
+         "--exclude-path-regex", POOLING_PATHS],
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
@@ -310,7 +322,7 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
     # the request models of vLLM's that it declares included.
     with httpx.Client(base_url=app.base_url, timeout=30) as http:
         paths = http.get("/openapi.json").json()["paths"]
-    operations = sum(len(methods) for path, methods in paths.items() if "embeddings" not in path)
+    operations = sum(len(methods) for path, methods in paths.items() if not re.search(POOLING_PATHS, path))
     assert operations >= 11 and f"Tested: {operations}\n" in done.stdout, done.stdout[-3000:]
     assert "/v1/chat/completions" in done.stdout
     assert post(app, "/v1/chat/completions", chat_body()).status_code == 200

@@ -376,7 +376,17 @@ def test_openai_route_batch_fields_override_defaults():
     assert job.batch == BatchPolicy(4, 1, 3.0)
 
 
-@pytest.mark.parametrize("route", ["/v1/rerank", "/v2/models", "/", 42])
+@pytest.mark.parametrize(("route", "engine_route"), [
+    ("/score", "/score"), ("/v1/score", "/score"), ("/openai/v1/score", "/score"),
+    ("/rerank", "/rerank"), ("/v1/rerank", "/rerank"), ("v2/rerank", "/rerank"),
+    ("/classify", "/classify"), ("/pooling", "/pooling"), ("/v1/embeddings", "/v1/embeddings"),
+])
+def test_openai_route_pooling_routes_go_to_vllms_own_name(route: str, engine_route: str):
+    job = norm({"openai_route": route, "openai_input": {"query": "q", "documents": ["d"]}})
+    assert (job.method, job.route, job.stream) == ("POST", engine_route, False)
+
+
+@pytest.mark.parametrize("route", ["/v2/score", "/v2/models", "/openai/score", "/", 42])
 def test_unknown_openai_route_is_an_error(route: Any):
     assert norm_error({"openai_route": route, "openai_input": {}}).param == "openai_route"
 

@@ -16,7 +16,9 @@ from deployments.router import (
     ends_with_final_response_event,
     in_background_at_lowest_priority,
     load_request_fields,
+    vllm_request_models,
 )
+from deployments.routes import ENGINE_ROUTES, engine_route
 
 
 def test_background_load_runs_at_the_lowest_priority_off_the_caller_thread():
@@ -107,3 +109,20 @@ def test_a_responses_stream_ends_with_its_final_event_not_done():
     # A delta whose text mentions the final event's name is still a delta.
     assert not finished(_event("response.output_text.delta", '{"delta": "event: response.completed"}'))
     assert "/v1/chat/completions" not in STREAM_END_CHECKS  # chat and completions: ends_with_done
+
+
+def test_every_route_with_a_body_has_vllms_request_model():
+    """The checks (object fields) and the OpenAPI schema read one table: each POST route the engine
+    serves, and each alias of one, finds its model there."""
+    models = vllm_request_models()
+    posts = {route for route, method in ENGINE_ROUTES.items() if method == "POST"}
+    assert posts <= set(models)
+    for alias in ("/v1/score", "/openai/v1/score", "/v1/rerank", "/v2/rerank", "/openai/v1/rerank",
+                  "/openai/v1/chat/completions"):
+        assert engine_route(alias) in models
+    assert engine_route("/openai/v1/models") == "/v1/models"
+    # Only /openai/v1 is a twin prefix: /openai/score is no path of ours, and stays unresolved.
+    assert engine_route("/openai/score") == "/openai/score"
+    fields = load_request_fields()
+    assert set(fields.objects) == set(models)
+    assert "chat_template_kwargs" in fields.objects["/rerank"]
