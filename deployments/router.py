@@ -27,6 +27,7 @@ from configs.ray_env import HANDLE_SERIALIZATION
 from configs.settings import Settings
 from deployments.errors import (
     EngineUnavailable,
+    NotFound,
     Unauthorized,
     envelope,
     error_body,
@@ -219,6 +220,22 @@ class Router:
     @app.post("/detokenize")
     async def detokenize(self, request: Request) -> Response:
         return await self._forward(request, "/detokenize", generation=False)
+
+    # Last of the routes: a request's path is matched against the routes in order, and this one's
+    # pattern needn't cost the generation routes anything.
+    @app.get("/v1/models/{model:path}")
+    @app.get("/openai/v1/models/{model:path}")
+    async def model(self, request: Request, model: str) -> Response:
+        """One model's card (OpenAI's and Ray Serve LLM's `models.retrieve`; `vllm serve` has only
+        the list): the engine's list, filtered here."""
+        listed = await self._forward(request, "/v1/models", generation=False)
+        if listed.status_code != 200:
+            return listed
+        card = model_card(listed.body, model)
+        if card is None:
+            return error_response(NotFound(f"The model `{model}` does not exist.", "model"), "models")
+        replica = {k: v for k, v in listed.headers.items() if k in PASSED_HEADERS}
+        return Response(card, media_type="application/json", headers=replica)
 
     # --- the path every OpenAI request takes ------------------------------------------------------
     def _authorize(self, authorization: str | None) -> None:
@@ -485,6 +502,14 @@ def in_background_at_lowest_priority(load: Callable[[], T], name: str) -> concur
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+def model_card(model_list: bytes, model_id: str) -> bytes | None:
+    """The card of `model_id` in vLLM's `/v1/models` answer (the served name, a LoRA adapter's...)."""
+    for card in json.loads(model_list).get("data", []):
+        if card.get("id") == model_id:
+            return json.dumps(card).encode()
+    return None
 
 
 def _error_message(body: bytes) -> str:

@@ -22,6 +22,19 @@ def test_models_lists_the_served_name_on_both_prefixes(app):
         assert [m.id for m in models.data] == ["tiny"]
 
 
+def test_models_retrieve_gives_one_card_or_a_404_envelope(app):
+    listed = app.client().models.list().data[0]
+    for prefix in ("/v1", "/openai/v1"):
+        card = app.client(prefix).models.retrieve("tiny")
+        # vLLM makes a fresh permission id for every answer; the rest of the card is the list's.
+        assert card.model_dump(exclude={"permission"}) == listed.model_dump(exclude={"permission"})
+        assert card.max_model_len == 512
+        with pytest.raises(openai.NotFoundError) as err:
+            app.client(prefix).models.retrieve("not-served")
+        assert err.value.body["type"] == "NotFoundError" and err.value.body["param"] == "model"
+        assert "not-served" in err.value.body["message"]
+
+
 def test_streaming_chat_reassembles_to_the_non_streaming_text(app, tiny_tokenizer):
     client = app.client()
     full = client.chat.completions.create(

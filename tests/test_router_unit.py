@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 
@@ -16,6 +17,7 @@ from deployments.router import (
     ends_with_final_response_event,
     in_background_at_lowest_priority,
     load_request_fields,
+    model_card,
     vllm_request_models,
 )
 from deployments.routes import ENGINE_ROUTES, engine_route
@@ -126,3 +128,11 @@ def test_every_route_with_a_body_has_vllms_request_model():
     fields = load_request_fields()
     assert set(fields.objects) == set(models)
     assert "chat_template_kwargs" in fields.objects["/rerank"]
+
+
+def test_model_card_is_one_entry_of_the_list():
+    listed = json.dumps({"object": "list", "data": [{"id": "org/base", "max_model_len": 512},
+                                                    {"id": "adapter", "parent": "org/base"}]}).encode()
+    assert json.loads(model_card(listed, "org/base")) == {"id": "org/base", "max_model_len": 512}
+    assert json.loads(model_card(listed, "adapter"))["parent"] == "org/base"
+    assert model_card(listed, "org") is None and model_card(b'{"data": []}', "x") is None

@@ -67,6 +67,8 @@ def test_demo_model_knows_the_capital_of_france_over_http(smol_app):
         model=DEMO_MODEL_SERVED_NAME, messages=CAPITAL, temperature=0, max_tokens=32
     )
     assert "Paris" in answer.choices[0].message.content
+    # A served name with a slash in it is one model id to models.retrieve.
+    assert smol_app.client().models.retrieve(DEMO_MODEL_SERVED_NAME).id == DEMO_MODEL_SERVED_NAME
 
 
 def test_readme_chat_example(local_api, smol_tokenizer):
