@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.errors import ClientError
-from deployments.routes import ENGINE_ROUTES, engine_route
+from deployments.routes import JOB_ROUTES, engine_route
 
 # worker-vllm sent 100 when max_tokens was absent (vLLM's own default of 16 bit its users).
 DEFAULT_MAX_TOKENS = 100
@@ -205,12 +205,12 @@ def _normalize_openai_job(job_input: dict[str, Any], defaults: BatchPolicy) -> N
         raise NativeInputError(f"unknown input field `{unknown[0]}` beside `openai_route`", unknown[0])
     route = _expect(job_input["openai_route"], str, "openai_route", "a string")
     route = engine_route("/" + route.strip("/"))
-    if route not in ENGINE_ROUTES:
+    if route not in JOB_ROUTES:
         raise NativeInputError(
-            f"unknown openai_route `{job_input['openai_route']}` (expected one of {', '.join(ENGINE_ROUTES)})",
+            f"unknown openai_route `{job_input['openai_route']}` (expected one of {', '.join(JOB_ROUTES)})",
             "openai_route",
         )
-    method = ENGINE_ROUTES[route]
+    method = JOB_ROUTES[route]
     body = job_input.get("openai_input")
     if method == "POST":
         body = _expect(body, dict, "openai_input", "an object (the OpenAI request body)")

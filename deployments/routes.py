@@ -1,12 +1,12 @@
-"""Which vLLM route serves each public path, and with which method. Pure: the router's HTTP routes,
-RunPod `openai_route` jobs and the OpenAPI schema all resolve paths here."""
+"""Which of vLLM's routes serves a public path. Pure: RunPod `openai_route` jobs and the OpenAPI
+schema resolve paths here (each of the router's HTTP route methods names its vLLM route itself)."""
 
 from __future__ import annotations
 
-# The routes the engine deployment answers with vLLM's server app, by method. The pooling routes
-# (/score, /rerank, /classify, /pooling) are vLLM's for pooling models; a generating model answers
-# them with a 404 envelope, as it does /v1/embeddings.
-ENGINE_ROUTES: dict[str, str] = {
+# vLLM's routes an `openai_route` job can name, with their methods. The pooling routes (/score,
+# /rerank, /classify, /pooling) are vLLM's for pooling models; a generating model answers them with
+# a 404 envelope, as it does /v1/embeddings.
+JOB_ROUTES: dict[str, str] = {
     "/v1/models": "GET",
     "/v1/chat/completions": "POST",
     "/v1/completions": "POST",

@@ -20,7 +20,7 @@ from deployments.router import (
     model_card,
     vllm_request_models,
 )
-from deployments.routes import ENGINE_ROUTES, engine_route
+from deployments.routes import JOB_ROUTES, engine_route
 
 
 def test_background_load_runs_at_the_lowest_priority_off_the_caller_thread():
@@ -117,7 +117,7 @@ def test_every_route_with_a_body_has_vllms_request_model():
     """The checks (object fields) and the OpenAPI schema read one table: each POST route the engine
     serves, and each alias of one, finds its model there."""
     models = vllm_request_models()
-    posts = {route for route, method in ENGINE_ROUTES.items() if method == "POST"}
+    posts = {route for route, method in JOB_ROUTES.items() if method == "POST"}
     assert posts <= set(models)
     for alias in ("/v1/score", "/openai/v1/score", "/v1/rerank", "/v2/rerank", "/openai/v1/rerank",
                   "/openai/v1/chat/completions"):
