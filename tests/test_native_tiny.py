@@ -111,7 +111,7 @@ def test_beam_search_runs(app):
     ({"prompt": 42}, "prompt"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "surprise": 1}, "surprise"),
-    ({"openai_route": "/v1/rerank", "openai_input": {}}, "openai_route"),
+    ({"openai_route": "/v2/score", "openai_input": {}}, "openai_route"),
     ({"openai_route": "/v1/chat/completions"}, "openai_input"),
     ("just a string", "input"),
 ])
