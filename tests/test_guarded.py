@@ -297,8 +297,12 @@ def test_openapi_declares_the_request_models(app):
     assert "documents" in schema["components"]["schemas"]["RerankRequest"]["properties"]
 
 
-# The routes of pooling models (embeddings, scoring, classification), fuzzed on a pooling app instead.
-POOLING_PATHS = r"embeddings|score|rerank|classify|pooling"
+# Left out of this app's fuzzing: the routes of pooling models (embeddings, scoring,
+# classification), fuzzed on a pooling app instead; and the /openai/v1 twins of the /v1 routes
+# (the same route methods; tests/test_openai_tiny.py calls them). The coverage phase of the
+# chat, completions and responses models alone took 145 s of the 150 s budget with the twins
+# in (measured), which left the fuzzing phase nothing, or on a busy box stopped coverage short.
+NOT_FUZZED_HERE = r"embeddings|score|rerank|classify|pooling|^/openai/v1/"
 
 
 def test_schemathesis_finds_no_server_error(app, tmp_path):
@@ -312,9 +316,7 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
          "--checks", "not_a_server_error", "--max-examples", "12", "--workers", "1", "--seed", "7",
          "--phases", "examples,coverage,fuzzing", "--max-time", "150", "--no-color",
          "--generation-database", "none", "-H", f"Authorization: {AUTH['authorization']}",
-         # A generating model has no pooling routes (404 envelopes, tests/test_pooling_tiny.py), and
-         # the coverage phase of vLLM's EmbeddingRequest union alone takes the whole budget.
-         "--exclude-path-regex", POOLING_PATHS],
+         "--exclude-path-regex", NOT_FUZZED_HERE],
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
@@ -322,8 +324,8 @@ def test_schemathesis_finds_no_server_error(app, tmp_path):
     # the request models of vLLM's that it declares included.
     with httpx.Client(base_url=app.base_url, timeout=30) as http:
         paths = http.get("/openapi.json").json()["paths"]
-    operations = sum(len(methods) for path, methods in paths.items() if not re.search(POOLING_PATHS, path))
-    assert operations >= 11 and f"Tested: {operations}\n" in done.stdout, done.stdout[-3000:]
+    operations = sum(len(methods) for path, methods in paths.items() if not re.search(NOT_FUZZED_HERE, path))
+    assert operations >= 8 and f"Tested: {operations}\n" in done.stdout, done.stdout[-3000:]
     assert "/v1/chat/completions" in done.stdout
     assert post(app, "/v1/chat/completions", chat_body()).status_code == 200
 

@@ -1,12 +1,11 @@
-"""vLLM's pooling routes through our router, with the tiny Llama run as vLLM's pooling models (set
-as users set vLLM options: RUNNER, CONVERT, HF_OVERRIDES): as an embedding model (`/v1/embeddings`,
-and `/score`, `/rerank`, `/pooling` by the cosine of embeddings) and as a cross-encoder (a
-one-label classifier: `/score`, `/rerank`, `/classify`); and what a model answers on a route its
-tasks don't serve. Two engine starts of their own."""
+"""vLLM's pooling routes through our router: the tiny Llama run as an embedding model (RUNNER and
+CONVERT, as users set vLLM's options: `/v1/embeddings`, and `/score`, `/rerank`, `/pooling` by the
+cosine of embeddings), and the same weights saved as a reranker checkpoint (a one-label sequence
+classifier: `/score`, `/rerank`, `/classify`); and what a model answers on a route its tasks don't
+serve. Two engine starts of their own."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -18,27 +17,26 @@ import openai
 import pytest
 
 from tests.apps import TestApps
+from tests.tiny_model import tiny_reranker_path
 
 
-def _pooling_app_args(tiny_model: Path, served_name: str, convert: str, **more: object) -> dict[str, object]:
-    """The tiny Llama as one of vLLM's pooling models, as users set vLLM options."""
-    return {"MODEL_NAME": str(tiny_model), "OPENAI_SERVED_MODEL_NAME_OVERRIDE": served_name, "MAX_MODEL_LEN": 512,
-            "RUNNER": "pooling", "CONVERT": convert, **more}
+def _app_args(model: Path, served_name: str, **more: object) -> dict[str, object]:
+    return {"MODEL_NAME": str(model), "OPENAI_SERVED_MODEL_NAME_OVERRIDE": served_name, "MAX_MODEL_LEN": 512, **more}
 
 
 @pytest.fixture(scope="module")
 def embed_app(apps: TestApps, tiny_model: Path):
-    # MAX_MESSAGES is a conversation's limit: an embeddings `input` list is not one.
-    yield apps.start("embed", _pooling_app_args(tiny_model, "tiny-embed", "embed", MAX_MESSAGES=8))
+    # The causal LM run as an embedding model, as users set vLLM's --runner/--convert. MAX_MESSAGES
+    # is a conversation's limit: an embeddings `input` list is not one.
+    yield apps.start("embed", _app_args(tiny_model, "tiny-embed", RUNNER="pooling", CONVERT="embed", MAX_MESSAGES=8))
     apps.stop("embed")  # the other modules' apps keep the memory and the cores
 
 
 @pytest.fixture(scope="module")
 def rerank_app(apps: TestApps, tiny_model: Path):
-    # A cross-encoder as vLLM runs a causal LM converted to a classifier; with one label, vLLM
-    # serves scoring on it (reranker checkpoints such as bge-reranker carry num_labels=1 themselves).
-    yield apps.start("rerank", _pooling_app_args(tiny_model, "tiny-rerank", "classify",
-                                                 HF_OVERRIDES=json.dumps({"num_labels": 1})))
+    # A reranker checkpoint (a sequence classifier with one label, as bge-reranker ships): vLLM
+    # finds the task from its architecture, with no setting.
+    yield apps.start("rerank", _app_args(tiny_reranker_path(tiny_model.parent), "tiny-rerank"))
     apps.stop("rerank")
 
 
@@ -160,7 +158,7 @@ def test_cross_encoder_scores_reranks_and_classifies(rerank_app):
     response = _post(rerank_app, "/v1/score", {"model": "tiny-rerank", "text_1": "fox", "text_2": DOCUMENTS})
     assert response.status_code == 200, response.text
     scores = [d["score"] for d in response.json()["data"]]
-    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
+    assert len(scores) == 3 and all(0.0 < s < 1.0 for s in scores) and len(set(scores)) == 3, scores
     reranked = _post(rerank_app, "/rerank", {"model": "tiny-rerank", "query": "fox", "documents": DOCUMENTS})
     results = reranked.json()["results"]
     assert sorted(r["index"] for r in results) == [0, 1, 2]

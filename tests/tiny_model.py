@@ -76,6 +76,31 @@ def tiny_llama_path(cache_root: Path) -> Path:
     return path
 
 
+def build_tiny_reranker(base: Path, path: Path) -> Path:
+    """The tiny Llama as a cross-encoder checkpoint, the shape of real rerankers (a
+    `LlamaForSequenceClassification` with one label): its `score` head is saved with it, seeded,
+    so vLLM loads every weight (a causal LM converted at load time would leave that head unset)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification.from_pretrained(str(base), num_labels=1, torch_dtype=torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def tiny_reranker_path(cache_root: Path) -> Path:
+    path = cache_root / f"tiny-reranker-{VERSION}"
+    if not (path / "config.json").exists():
+        build_tiny_reranker(tiny_llama_path(cache_root), path)
+    return path
+
+
 if __name__ == "__main__":
     import sys
 
