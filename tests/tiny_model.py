@@ -58,10 +58,16 @@ def build_tiny_llama(path: Path) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return _save(path, model, tokenizer, {"chat_template.jinja": CHAT_TEMPLATE})
+
+
+def _save(path: Path, model, tokenizer, extra_files: dict[str, str] | None = None) -> Path:
+    """Written beside `path`, then renamed into place: a build cut short leaves no half model."""
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -85,13 +91,7 @@ def build_tiny_reranker(base: Path, path: Path) -> Path:
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification.from_pretrained(str(base), num_labels=1, torch_dtype=torch.bfloat16)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
+    return _save(path, model, AutoTokenizer.from_pretrained(str(base)))
 
 
 def tiny_reranker_path(cache_root: Path) -> Path:
