@@ -74,6 +74,9 @@ def test_api_key_missing_wrong_and_right(app):
         assert_envelope(http.post("/v1/responses", json={"model": "tiny", "input": "hi"}), 401)
         assert_envelope(http.post("/tokenize", json={"model": "tiny", "prompt": "hi"}), 401)
         assert_envelope(http.post("/detokenize", json={"model": "tiny", "tokens": [1]}), 401)
+        assert_envelope(http.get("/v1/models/tiny"), 401)
+        for path in ("/score", "/v2/rerank", "/classify", "/pooling"):  # 401 before the model's 404
+            assert_envelope(http.post(path, json={"model": "tiny", "query": "q", "documents": ["d"]}), 401)
         assert http.get("/health").status_code == 200  # health stays open
         for key in KEYS:
             models = http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
