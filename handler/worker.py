@@ -7,6 +7,7 @@ it from the same settings (in a Ray task, so this process never imports vLLM), t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -78,11 +79,18 @@ def make_handler(router: DeploymentHandle):
             # handle's router runs on the loop that first uses it.
             native = router.options(stream=True, **HANDLE_SERIALIZATION).native
         responses = native.remote(job.get("input"), str(job.get("id", "")))
+        # RunPod stops a job by cancelling its task. Often the task is then awaiting the SDK's
+        # upload of the last output, not this generator: the generator stays suspended at its
+        # `yield`, its `finally` waits for garbage collection, and the engine would go on
+        # generating. So the handle call is also cancelled when the job's task ends, however it ends.
+        job_task = asyncio.current_task()
+        if job_task is not None:
+            job_task.add_done_callback(lambda _: responses.cancel())
         try:
             async for output in responses:
                 yield output
         finally:
-            # A job stopped by RunPod (cancelled task) cancels the handle call; the engine aborts.
+            # Cancelling the handle call cancels the router's job; the engine aborts the request.
             responses.cancel()
 
     return handler

@@ -241,3 +241,26 @@ def test_a_cancelled_job_cancels_the_router_call():
 
     asyncio.run(main())
     assert router.responses.cancelled
+
+
+def test_a_job_stopped_outside_the_generator_still_cancels_the_router_call():
+    """RunPod's stop cancels the job's task; when that lands while the task awaits something else
+    (the SDK's upload of an output), the handler's generator is left suspended at its yield."""
+    router = FakeRouter(FakeResponses([{"choices": [{"tokens": ["a"]}]}], hang=True))
+    uploading = asyncio.Event()
+
+    async def job() -> None:
+        gen = make_handler(router)({"id": "j", "input": {"prompt": "x"}})
+        async for _ in gen:  # as runpod's handle_job does: each output, then its upload
+            uploading.set()
+            await asyncio.Event().wait()
+
+    async def main() -> bool:
+        task = asyncio.create_task(job())
+        await uploading.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return router.responses.cancelled
+
+    assert asyncio.run(main())  # cancelled when the task ended, not at garbage collection
