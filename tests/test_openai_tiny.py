@@ -26,8 +26,11 @@ def test_models_retrieve_gives_one_card_or_a_404_envelope(app):
     listed = app.client().models.list().data[0]
     for prefix in ("/v1", "/openai/v1"):
         card = app.client(prefix).models.retrieve("tiny")
-        # vLLM makes a fresh permission id for every answer; the rest of the card is the list's.
-        assert card.model_dump(exclude={"permission"}) == listed.model_dump(exclude={"permission"})
+        # vLLM stamps every answer afresh: a new permission id and `created` = the time of the answer
+        # (CI once saw the list and the card a second apart). The rest of the card is the list's.
+        fresh = {"permission", "created"}
+        assert card.model_dump(exclude=fresh) == listed.model_dump(exclude=fresh)
+        assert abs(card.created - listed.created) <= 60
         assert card.max_model_len == 512
         with pytest.raises(openai.NotFoundError) as err:
             app.client(prefix).models.retrieve("not-served")
