@@ -116,7 +116,8 @@ class Settings(BaseModel):
         300, "Requests that may wait for a free MAX_CONCURRENCY slot; past that: 429.", INGRESS, ge=0
     )
     API_KEY: SecretStr | None = _field(
-        None, "API key(s), comma-separated. When set, /v1 and /openai/v1 need `Authorization: Bearer KEY`.",
+        None, "API key(s), comma-separated. When set, every API route needs `Authorization: Bearer KEY` "
+        "(or `x-api-key: KEY`).",
         INGRESS,
     )
     MAX_REQUEST_BYTES: int = _field(

@@ -1,6 +1,8 @@
 """One error envelope for every failure the router reports, and one table of exception -> status.
 
-The envelope is vLLM's (and OpenAI's shape): {"error": {"message", "type", "param", "code"}}.
+The envelope is vLLM's (and OpenAI's shape): {"error": {"message", "type", "param", "code"}}. The
+Anthropic Messages routes answer the same failures in Anthropic's shape, which its clients parse:
+{"type": "error", "error": {"type", "message"}}.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def envelope(message: str, err_type: str, code: int, param: str | None = None) -
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
-def error_body(exc: BaseException) -> tuple[int, dict]:
+def error_body(exc: BaseException, anthropic: bool = False) -> tuple[int, dict]:
     status, err_type = status_for(exc)
     if status == HTTPStatus.INTERNAL_SERVER_ERROR:
         message = f"Internal error ({type(exc).__name__})"
@@ -85,10 +87,52 @@ def error_body(exc: BaseException) -> tuple[int, dict]:
         message = f"The engine is unavailable ({type(exc).__name__}); retry shortly"
     else:
         message = str(exc)
+    if anthropic:
+        return int(status), anthropic_envelope(message, int(status))
     return int(status), envelope(message, err_type, int(status), getattr(exc, "param", None))
 
 
-def sse_error_event(exc: BaseException) -> bytes:
-    """How a stream that already started reports a failure (what vLLM's own streams do)."""
-    _, body = error_body(exc)
+def sse_error_event(exc: BaseException, anthropic: bool = False) -> bytes:
+    """How a stream that already started reports a failure (what vLLM's own streams do; an
+    Anthropic stream ends with an `error` event instead)."""
+    _, body = error_body(exc, anthropic)
+    if anthropic:
+        return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+
+
+# Anthropic's error type for each status (its API's table; 529 is its own "overloaded").
+ANTHROPIC_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_envelope(message: str, status: int) -> dict:
+    fallback = "invalid_request_error" if status < 500 else "api_error"
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, fallback), "message": message}}
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error answer: OpenAI's envelope, vLLM's Anthropic one, `{"error": text}`
+    (vLLM's API key middleware) or, failing those, the body itself."""
+    try:
+        error = json.loads(body)["error"]
+        return error["message"] if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")
+
+
+def as_anthropic_error(status: int, body: bytes) -> bytes:
+    """An engine's error answer on an Anthropic route, in Anthropic's envelope. vLLM answers that
+    route's own failures in Anthropic's shape but with OpenAI's type names ("BadRequestError"), and
+    a request its validation refuses, or a model without the route, in OpenAI's envelope."""
+    return json.dumps(anthropic_envelope(error_message(body), status)).encode()

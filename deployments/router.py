@@ -29,8 +29,11 @@ from deployments.errors import (
     EngineUnavailable,
     NotFound,
     Unauthorized,
+    anthropic_envelope,
+    as_anthropic_error,
     envelope,
     error_body,
+    error_message,
     sse_error_event,
 )
 from deployments.limiter import AdmissionLimiter
@@ -45,7 +48,7 @@ from deployments.native import (
     split_sse,
 )
 from deployments.observability import RequestObserver, RequestRecord, RouterMetrics
-from deployments.routes import engine_route
+from deployments.routes import ANTHROPIC_ROUTES, engine_route, speaks_anthropic
 
 logger = logging.getLogger("ray.serve")
 
@@ -96,14 +99,17 @@ app.openapi = _openapi_with_request_models
 @app.exception_handler(StarletteHTTPException)
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown routes and methods get the same envelope as everything else.
-    err_type = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
     message = f"{request.method} {request.url.path}: {exc.detail}"
+    # The path within the app: Serve mounts it under its route prefix (the scope's root_path).
+    if speaks_anthropic(request.url.path.removeprefix(request.scope.get("root_path", ""))):
+        return JSONResponse(anthropic_envelope(message, exc.status_code), status_code=exc.status_code)
+    err_type = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
     return JSONResponse(envelope(message, err_type, exc.status_code), status_code=exc.status_code)
 
 
-def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+def error_response(exc: BaseException, request_id: str, anthropic: bool = False) -> JSONResponse:
     """The envelope with its status (the request id header comes from Serve's proxy)."""
-    status, body = error_body(exc)
+    status, body = error_body(exc, anthropic)
     headers = {}
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
@@ -213,6 +219,18 @@ class Router:
         # The pooling model's raw output (embeddings, class scores, per-token outputs).
         return await self._forward(request, "/pooling", generation=True)
 
+    @app.post("/v1/messages")
+    @app.post("/openai/v1/messages")
+    async def messages(self, request: Request) -> Response:
+        # Anthropic's Messages API, as `vllm serve` has it (Claude-style clients and agents); its
+        # failures, ours and the engine's, come in Anthropic's error envelope.
+        return await self._forward(request, "/v1/messages", generation=True)
+
+    @app.post("/v1/messages/count_tokens")
+    @app.post("/openai/v1/messages/count_tokens")
+    async def count_message_tokens(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/messages/count_tokens", generation=False)
+
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
         return await self._forward(request, "/tokenize", generation=False)
@@ -238,17 +256,22 @@ class Router:
         return Response(card, media_type="application/json", headers=replica)
 
     # --- the path every OpenAI request takes ------------------------------------------------------
-    def _authorize(self, authorization: str | None) -> None:
+    def _authorize(self, headers: Any) -> None:
+        """`Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's)."""
         if not self._api_keys:
             return
-        scheme, _, token = (authorization or "").partition(" ")
+        scheme, _, token = (headers.get("authorization") or "").partition(" ")
         presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if not presented:
+            presented = (headers.get("x-api-key") or "").strip().encode()
         # Compare against every key, in constant time for each, so timing reveals nothing.
         matched = False
         for key in self._api_keys:
             matched |= hmac.compare_digest(presented, key)
         if not matched:
-            raise Unauthorized("Missing or invalid API key: send `Authorization: Bearer <API_KEY>`")
+            raise Unauthorized(
+                "Missing or invalid API key: send `Authorization: Bearer <API_KEY>` (or `x-api-key: <API_KEY>`)"
+            )
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, never more than MAX_REQUEST_BYTES of it in memory."""
@@ -274,8 +297,8 @@ class Router:
         await self._limiter.acquire()
         self._observer.update_gauges()
 
-    def _fail(self, exc: BaseException, record: RequestRecord) -> JSONResponse:
-        response = error_response(exc, record.request_id)
+    def _fail(self, exc: BaseException, record: RequestRecord, anthropic: bool = False) -> JSONResponse:
+        response = error_response(exc, record.request_id, anthropic)
         record.status = response.status_code
         if 400 <= record.status < 500:
             self._observer.rejected({401: "unauthorized", 429: "overloaded"}.get(record.status, "invalid"))
@@ -284,13 +307,14 @@ class Router:
 
     async def _forward(self, request: Request, path: str, *, generation: bool) -> Response:
         record = RequestRecord(current_request_id(request), path)
+        anthropic = path in ANTHROPIC_ROUTES
         try:
-            self._authorize(request.headers.get("authorization"))
+            self._authorize(request.headers)
             body = await self._read_body(request)
             if generation:
                 await self._admit(path, body)
         except Exception as exc:
-            return self._fail(exc, record)
+            return self._fail(exc, record, anthropic)
         headers = [
             ("content-type", request.headers.get("content-type", "application/json")),
             (REQUEST_ID_HEADER, record.request_id),
@@ -306,7 +330,7 @@ class Router:
                 self._limiter.release()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return self._fail(exc, record)
+            return self._fail(exc, record, anthropic)
         record.status = status
         record.saw_first_byte()
         engine_headers = dict(engine_headers)
@@ -317,16 +341,18 @@ class Router:
             record.read_usage(first_part)
             self._observer.finish(record)
             media_type = engine_headers.get("content-type", "application/json")
+            if anthropic and status >= 400:
+                first_part, media_type = as_anthropic_error(status, first_part), "application/json"
             return Response(first_part, status_code=status, media_type=media_type, headers=response_headers)
         return StreamingResponse(
-            self._relay(stream, first_part, record, generation),
+            self._relay(stream, first_part, record, generation, anthropic),
             status_code=status,
             media_type="text/event-stream",
             headers=response_headers,
         )
 
-    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool
-                     ) -> AsyncIterator[bytes]:
+    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool,
+                     anthropic: bool) -> AsyncIterator[bytes]:
         """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
         try:
             async for part in _whole_stream(first_part, stream, record.route):
@@ -335,7 +361,7 @@ class Router:
         except Exception as exc:
             logger.warning("stream %s failed: %s: %s", record.request_id, type(exc).__name__, exc)
             record.status = error_body(exc)[0]
-            yield sse_error_event(exc)
+            yield sse_error_event(exc, anthropic)
         finally:
             # Client gone or stream done: cancelling the handle call aborts the request in the engine.
             stream.cancel()
@@ -376,7 +402,7 @@ class Router:
             record.status = status
             record.saw_first_byte()
             if status >= 400:
-                yield {"error": _error_message(first_part)}
+                yield {"error": error_message(first_part)}
                 return
             if job.kind == "openai":
                 if not more:
@@ -448,6 +474,7 @@ class RequestFields:
 def vllm_request_models() -> dict[str, tuple[str, Any]]:
     """vLLM's request model (or union of models) for each route the router forwards a body on, with
     its schema name: the one table behind the request checks and the OpenAPI schema."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
@@ -466,6 +493,8 @@ def vllm_request_models() -> dict[str, tuple[str, Any]]:
         "/rerank": ("RerankRequest", RerankRequest),
         "/classify": ("ClassificationRequest", ClassificationRequest),  # a union: texts or messages
         "/pooling": ("PoolingRequest", PoolingRequest),
+        "/v1/messages": ("AnthropicMessagesRequest", AnthropicMessagesRequest),
+        "/v1/messages/count_tokens": ("AnthropicCountTokensRequest", AnthropicCountTokensRequest),
         "/tokenize": ("TokenizeRequest", TokenizeRequest),  # a union: a prompt or messages
         "/detokenize": ("DetokenizeRequest", DetokenizeRequest),
     }
@@ -512,14 +541,6 @@ def model_card(model_list: bytes, model_id: str) -> bytes | None:
     return None
 
 
-def _error_message(body: bytes) -> str:
-    try:
-        error = json.loads(body)["error"]
-        return error["message"] if isinstance(error, dict) else str(error)
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")
-
-
 async def _sse_event_groups(first_part: bytes, stream: Any, route: str) -> AsyncIterator[str]:
     """The stream as strings of whole SSE events: never cut inside an event or a UTF-8 character."""
     buffer = b""
@@ -536,6 +557,8 @@ async def _sse_event_groups(first_part: bytes, stream: Any, route: str) -> Async
 SSE_END = b"data: [DONE]\n\n"
 # The events a Responses API stream ends with: vLLM sends no `data: [DONE]` there.
 RESPONSES_FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed", b"error"})
+# And an Anthropic Messages stream.
+MESSAGES_FINAL_EVENTS = frozenset({b"message_stop", b"error"})
 
 
 class StreamCut(EngineUnavailable):
@@ -547,17 +570,30 @@ def ends_with_done(last_part: bytes) -> bool:
     return last_part.endswith(SSE_END)
 
 
-def ends_with_final_response_event(last_part: bytes) -> bool:
-    """Responses API streams: the last event is `response.completed` (or a failure's own event)."""
+def last_event_name(last_part: bytes) -> bytes | None:
+    """The `event:` name of the last SSE event in a part (None when it has none)."""
     events = [event for event in last_part.split(b"\n\n") if event.strip()]
     if not events:
-        return False
+        return None
     first_line = events[-1].lstrip(b"\r\n").split(b"\n", 1)[0].strip()
-    return first_line.startswith(b"event:") and first_line[len(b"event:"):].strip() in RESPONSES_FINAL_EVENTS
+    return first_line[len(b"event:"):].strip() if first_line.startswith(b"event:") else None
+
+
+def ends_with_final_response_event(last_part: bytes) -> bool:
+    """Responses API streams: the last event is `response.completed` (or a failure's own event)."""
+    return last_event_name(last_part) in RESPONSES_FINAL_EVENTS
+
+
+def ends_with_message_stop(last_part: bytes) -> bool:
+    """Anthropic Messages streams: the last event is `message_stop` (or `error`)."""
+    return last_event_name(last_part) in MESSAGES_FINAL_EVENTS
 
 
 # Per route, how a finished stream ends (ends_with_done for the others).
-STREAM_END_CHECKS: dict[str, Callable[[bytes], bool]] = {"/v1/responses": ends_with_final_response_event}
+STREAM_END_CHECKS: dict[str, Callable[[bytes], bool]] = {
+    "/v1/responses": ends_with_final_response_event,
+    "/v1/messages": ends_with_message_stop,
+}
 
 
 async def _whole_stream(first_part: bytes, stream: Any, route: str) -> AsyncIterator[bytes]:

@@ -16,7 +16,13 @@ JOB_ROUTES: dict[str, str] = {
     "/rerank": "POST",
     "/classify": "POST",
     "/pooling": "POST",
+    "/v1/messages": "POST",
+    "/v1/messages/count_tokens": "POST",
 }
+
+# Anthropic's Messages API (vLLM serves it for generating models): its failures are answered in
+# Anthropic's error envelope, which its clients parse, not OpenAI's.
+ANTHROPIC_ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 # Other names `vllm serve` (and Ray Serve LLM, for /v1/score) answers for the same routes. They are
 # sent to vLLM under the route's own name: vLLM logs a deprecation warning on every /v1/score call.
@@ -31,3 +37,8 @@ def engine_route(path: str) -> str:
     if path.startswith(OPENAI_PREFIX + "/v1/"):
         path = path[len(OPENAI_PREFIX):]
     return ROUTE_ALIASES.get(path, path)
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether a public path's errors take Anthropic's envelope."""
+    return engine_route(path) in ANTHROPIC_ROUTES

@@ -36,6 +36,13 @@ class RunningApp:
         return OpenAI(base_url=f"{self.base_url}{prefix}", api_key=kwargs.pop("api_key", "unused"),
                       max_retries=0, timeout=kwargs.pop("timeout", 120), **kwargs)
 
+    def anthropic(self, prefix: str = "", **kwargs: Any):
+        """Anthropic's official client: it appends /v1/messages to its base URL."""
+        from anthropic import Anthropic
+
+        return Anthropic(base_url=f"{self.base_url}{prefix}", api_key=kwargs.pop("api_key", "unused"),
+                         max_retries=0, timeout=kwargs.pop("timeout", 120), **kwargs)
+
     def http(self, timeout: float = 120) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
 

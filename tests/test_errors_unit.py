@@ -17,8 +17,11 @@ from deployments.errors import (
     Overloaded,
     PayloadTooLarge,
     Unauthorized,
+    anthropic_envelope,
+    as_anthropic_error,
     envelope,
     error_body,
+    error_message,
     sse_error_event,
     status_for,
 )
@@ -158,3 +161,45 @@ def test_sse_error_event_for_an_internal_error_does_not_leak():
     assert b"abc123" not in event
     payload = json.loads(event.split(b"\n\n")[0][len(b"data: "):])
     assert payload["error"]["code"] == 500
+
+
+# --- Anthropic's envelope (the /v1/messages routes) -------------------------------------------------
+
+@pytest.mark.parametrize(("exc", "status", "err_type"), [
+    (ClientError("bad", "max_tokens"), 400, "invalid_request_error"),
+    (Unauthorized("no key"), 401, "authentication_error"),
+    (NotFound("no model"), 404, "not_found_error"),
+    (PayloadTooLarge("big"), 413, "request_too_large"),
+    (Overloaded("full"), 429, "rate_limit_error"),
+    (EngineUnavailable("loading"), 503, "overloaded_error"),
+    (RuntimeError("secret"), 500, "api_error"),
+])
+def test_the_same_failures_in_anthropics_envelope(exc: BaseException, status: int, err_type: str):
+    """Same status and message as the OpenAI envelope; Anthropic's shape and type names."""
+    got_status, body = error_body(exc, anthropic=True)
+    assert got_status == status == error_body(exc)[0]
+    assert body == {"type": "error", "error": {"type": err_type, "message": error_body(exc)[1]["error"]["message"]}}
+    assert "secret" not in json.dumps(body)
+
+
+def test_anthropic_envelope_falls_back_by_status_class():
+    assert anthropic_envelope("m", 422)["error"]["type"] == "invalid_request_error"
+    assert anthropic_envelope("m", 502)["error"]["type"] == "api_error"
+
+
+def test_engine_errors_are_rewrapped_in_anthropics_envelope():
+    """vLLM answers /v1/messages failures in three shapes; the caller gets Anthropic's one."""
+    openai_shaped = json.dumps(envelope("messages: field required", "BadRequestError", 400)).encode()
+    vllm_anthropic = json.dumps({"type": "error", "error": {"type": "NotFoundError", "message": "no model x"}}).encode()
+    for status, body, message in [(400, openai_shaped, "messages: field required"),
+                                  (404, vllm_anthropic, "no model x"),
+                                  (401, b'{"error": "Unauthorized"}', "Unauthorized"),
+                                  (500, b"Internal Server Error", "Internal Server Error")]:
+        assert error_message(body) == message
+        assert json.loads(as_anthropic_error(status, body)) == anthropic_envelope(message, status)
+
+
+def test_anthropic_sse_error_event_is_one_error_event():
+    event = sse_error_event(EngineUnavailable("gone"), anthropic=True)
+    assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n") and event.count(b"\n\n") == 1
+    assert json.loads(event.split(b"data: ", 1)[1]) == anthropic_envelope("gone", 503)

@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 
+import anthropic
 import httpx
 import pytest
 import ray
@@ -82,6 +83,20 @@ def test_api_key_missing_wrong_and_right(app):
             models = http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
             assert models.status_code == 200
             assert not any(k in models.text for k in KEYS)
+            # Anthropic's clients send the key as x-api-key.
+            assert http.get("/v1/models", headers={"x-api-key": key}).status_code == 200
+        # The Messages API answers in Anthropic's envelope, a missing key included.
+        for headers in ({}, {"x-api-key": "nope"}, {"authorization": "Bearer nope"}):
+            refused = http.post("/v1/messages", headers=headers,
+                                json={"model": "tiny", "messages": chat_body()["messages"], "max_tokens": 2})
+            assert refused.status_code == 401
+            assert refused.json() == {"type": "error", "error": {"type": "authentication_error",
+                                                                 "message": refused.json()["error"]["message"]}}
+        assert http.post("/v1/messages/count_tokens", json={"model": "tiny", "messages": []}).status_code == 401
+    with pytest.raises(anthropic.AuthenticationError):
+        app.anthropic(api_key="nope").messages.create(model="tiny", messages=chat_body()["messages"], max_tokens=2)
+    assert app.anthropic(api_key=KEYS[1]).messages.create(model="tiny", messages=chat_body()["messages"],
+                                                          max_tokens=2).content
     reply = app.client(api_key=KEYS[0]).chat.completions.create(model="tiny", messages=chat_body()["messages"],
                                                                max_tokens=3)
     assert reply.choices[0].message.content is not None
@@ -294,18 +309,20 @@ def test_openapi_declares_the_request_models(app):
     # Aliases declare their route's model.
     for path, model in (("/score", "ScoreRequest"), ("/v1/score", "ScoreRequest"), ("/openai/v1/score", "ScoreRequest"),
                         ("/v2/rerank", "RerankRequest"), ("/classify", "ClassificationRequest"),
-                        ("/pooling", "PoolingRequest")):
+                        ("/pooling", "PoolingRequest"), ("/v1/messages", "AnthropicMessagesRequest"),
+                        ("/openai/v1/messages/count_tokens", "AnthropicCountTokensRequest")):
         body = schema["paths"][path]["post"]["requestBody"]
         assert body["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{model}", path
     assert "documents" in schema["components"]["schemas"]["RerankRequest"]["properties"]
 
 
 # Left out of this app's fuzzing: the routes of pooling models (embeddings, scoring,
-# classification), fuzzed on a pooling app instead; and the /openai/v1 twins of the /v1 routes
+# classification), fuzzed on a pooling app instead; Anthropic's Messages routes, fuzzed on the tiny
+# app (tests/test_anthropic_tiny.py); and the /openai/v1 twins of the /v1 routes
 # (the same route methods; tests/test_openai_tiny.py calls them). The coverage phase of the
 # chat, completions and responses models alone took 145 s of the 150 s budget with the twins
 # in (measured), which left the fuzzing phase nothing, or on a busy box stopped coverage short.
-NOT_FUZZED_HERE = r"embeddings|score|rerank|classify|pooling|^/openai/v1/"
+NOT_FUZZED_HERE = r"embeddings|score|rerank|classify|pooling|messages|^/openai/v1/"
 
 
 def test_schemathesis_finds_no_server_error(app, tmp_path):

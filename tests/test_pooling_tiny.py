@@ -12,6 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -81,6 +82,11 @@ def test_a_route_the_model_does_not_serve_is_a_404_envelope(embed_app, tiny_app)
     with pytest.raises(openai.NotFoundError) as err:
         tiny_app.client().embeddings.create(model="tiny", input="hi")
     assert "/v1/embeddings" in err.value.body["message"] and "generate" in err.value.body["message"]
+    # The Messages API says the same in Anthropic's envelope.
+    with pytest.raises(anthropic.NotFoundError) as err:
+        embed_app.anthropic().messages.create(model="tiny-embed", max_tokens=2,
+                                              messages=[{"role": "user", "content": "hi"}])
+    assert err.value.body["error"]["type"] == "not_found_error" and "/v1/messages" in err.value.body["error"]["message"]
     # Both apps keep serving.
     assert tiny_app.client().completions.create(model="tiny", prompt="fox", max_tokens=2).usage.completion_tokens
     assert embed_app.client().embeddings.create(model="tiny-embed", input="fox").data

@@ -15,12 +15,13 @@ from deployments.router import (
     StreamCut,
     _whole_stream,
     ends_with_final_response_event,
+    ends_with_message_stop,
     in_background_at_lowest_priority,
     load_request_fields,
     model_card,
     vllm_request_models,
 )
-from deployments.routes import JOB_ROUTES, engine_route
+from deployments.routes import JOB_ROUTES, engine_route, speaks_anthropic
 
 
 def test_background_load_runs_at_the_lowest_priority_off_the_caller_thread():
@@ -111,6 +112,26 @@ def test_a_responses_stream_ends_with_its_final_event_not_done():
     # A delta whose text mentions the final event's name is still a delta.
     assert not finished(_event("response.output_text.delta", '{"delta": "event: response.completed"}'))
     assert "/v1/chat/completions" not in STREAM_END_CHECKS  # chat and completions: ends_with_done
+
+
+def test_an_anthropic_messages_stream_ends_with_message_stop():
+    finished = STREAM_END_CHECKS["/v1/messages"]
+    assert finished is ends_with_message_stop
+    whole = [_event("message_start"), _event("content_block_delta"), _event("message_delta"),
+             _event("message_stop"), b""]
+    assert _read(*whole, route="/v1/messages") == (whole, None)
+    assert finished(_event("content_block_delta") + _event("error"))
+    seen, error = _read(*whole[:3], b"", route="/v1/messages")
+    assert isinstance(error, StreamCut)
+    assert not finished(b"data: [DONE]\n\n")
+
+
+def test_which_paths_speak_anthropic():
+    for path in ("/v1/messages", "/openai/v1/messages", "/v1/messages/count_tokens",
+                 "/openai/v1/messages/count_tokens"):
+        assert speaks_anthropic(path)
+    for path in ("/v1/chat/completions", "/messages", "/v1/messages/x", "/openai/v1/models"):
+        assert not speaks_anthropic(path)
 
 
 def test_every_route_with_a_body_has_vllms_request_model():
