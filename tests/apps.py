@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,19 @@ class RunningApp:
 
     def router(self):
         return serve.get_app_handle(self.name)
+
+    def schemathesis(self, cwd: Any, *select: str, max_examples: int, phases: str, max_time: int,
+                     timeout: int = 300) -> subprocess.CompletedProcess:
+        """Fuzzes this app against its own OpenAPI schema for server errors (`st run`, one worker,
+        a fixed seed). `select`: schemathesis's own options, e.g. --include-path-regex or -H."""
+        st = os.path.join(os.path.dirname(sys.executable), "st")
+        return subprocess.run(
+            [st, "run", f"{self.base_url}/openapi.json", "--url", self.base_url,
+             "--checks", "not_a_server_error", "--max-examples", str(max_examples), "--workers", "1",
+             "--seed", "7", "--phases", phases, "--max-time", str(max_time), "--no-color",
+             "--generation-database", "none", *select],
+            capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        )
 
 
 class TestApps:

@@ -5,10 +5,7 @@ Anthropic's error envelope (the router's own and the engine's)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import anthropic
 import pytest
@@ -109,14 +106,8 @@ def test_a_runpod_openai_route_job_streams_to_message_stop(app):
 
 def test_schemathesis_finds_no_server_error_on_the_messages_routes(app, tmp_path):
     """vLLM's Anthropic request models, as the schema declares them, fuzzed on both routes."""
-    st = Path(sys.executable).parent / "st"
-    done = subprocess.run(
-        [str(st), "run", f"{app.base_url}/openapi.json", "--url", app.base_url,
-         "--checks", "not_a_server_error", "--max-examples", "30", "--workers", "1", "--seed", "7",
-         "--phases", "examples,fuzzing", "--max-time", "60", "--no-color", "--generation-database", "none",
-         "--include-path-regex", "^/v1/messages(/count_tokens)?$"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
+    done = app.schemathesis(tmp_path, "--include-path-regex", "^/v1/messages(/count_tokens)?$",
+                            max_examples=30, phases="examples,fuzzing", max_time=60)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "Tested: 2\n" in done.stdout, done.stdout[-3000:]
     assert app.anthropic().messages.create(model="tiny", messages=MESSAGES, max_tokens=2).content

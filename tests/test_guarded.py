@@ -326,19 +326,9 @@ NOT_FUZZED_HERE = r"embeddings|score|rerank|classify|pooling|messages|^/openai/v
 
 
 def test_schemathesis_finds_no_server_error(app, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    st = Path(sys.executable).parent / "st"
-    done = subprocess.run(
-        [str(st), "run", f"{app.base_url}/openapi.json", "--url", app.base_url,
-         "--checks", "not_a_server_error", "--max-examples", "12", "--workers", "1", "--seed", "7",
-         "--phases", "examples,coverage,fuzzing", "--max-time", "150", "--no-color",
-         "--generation-database", "none", "-H", f"Authorization: {AUTH['authorization']}",
-         "--exclude-path-regex", NOT_FUZZED_HERE],
-        capture_output=True, text=True, timeout=400, cwd=tmp_path,
-    )
+    done = app.schemathesis(tmp_path, "-H", f"Authorization: {AUTH['authorization']}",
+                            "--exclude-path-regex", NOT_FUZZED_HERE,
+                            max_examples=12, phases="examples,coverage,fuzzing", max_time=150, timeout=400)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     # Every other operation of the schema was tested (chat, completions, responses, tokenize...),
     # the request models of vLLM's that it declares included.

@@ -7,8 +7,6 @@ serve. Two engine starts of their own."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -209,14 +207,8 @@ def test_schemathesis_finds_no_server_error_on_pooling_routes(embed_app, tmp_pat
     """vLLM's pooling request models (unions of several each) as the schema declares them, fuzzed
     on each route once, aliases aside (the coverage phase of the EmbeddingRequest union alone
     outlasts any budget here, so it is left out)."""
-    st = Path(sys.executable).parent / "st"
-    done = subprocess.run(
-        [str(st), "run", f"{embed_app.base_url}/openapi.json", "--url", embed_app.base_url,
-         "--checks", "not_a_server_error", "--max-examples", "40", "--workers", "1", "--seed", "7",
-         "--phases", "examples,fuzzing", "--max-time", "60", "--no-color", "--generation-database", "none",
-         "--include-path-regex", "^(/v1/embeddings|/score|/rerank|/pooling)$"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
+    done = embed_app.schemathesis(tmp_path, "--include-path-regex", "^(/v1/embeddings|/score|/rerank|/pooling)$",
+                                  max_examples=40, phases="examples,fuzzing", max_time=60)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "Tested: 4\n" in done.stdout, done.stdout[-3000:]
     assert embed_app.client().embeddings.create(model="tiny-embed", input="fox").data
