@@ -5,7 +5,9 @@ engine deployment answers it with vLLM's own OpenAI layer, and bytes pass throug
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import gc
 import hmac
 import json
 import logging
@@ -147,7 +149,7 @@ class Router:
         # box would be taken from the engine replica starting beside this one (the start-up's
         # critical path). So it runs in a background thread at the lowest priority; requests that
         # need the fields wait for it (they would wait for the engine anyway).
-        self._fields_loading = in_background_at_lowest_priority(load_request_fields, "request-fields")
+        self._fields_loading = in_background_at_lowest_priority(load_request_fields_and_freeze, "request-fields")
         self._fields: RequestFields | None = None
         self._limits = RequestLimits(
             settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN
@@ -509,6 +511,31 @@ def load_request_fields() -> RequestFields:
         completion=frozenset(models["/v1/completions"].model_fields),
         objects={route: object_fields(model) for route, model in models.items()},
     )
+
+
+def load_request_fields_and_freeze() -> RequestFields:
+    """load_request_fields, then the garbage collector's freeze for what the import left.
+
+    Serve freezes a replica's objects when its __init__ returns (RAY_SERVE_FREEZE_GC_ON_STARTUP),
+    so full collections skip them. vLLM's import here ends later, in the background: it left
+    over 500,000 objects that every full collection of this replica then scanned, 230-270 ms each with
+    the event loop stopped (every stream of this router paused). Frozen with the rest, a full
+    collection takes 0.3 ms (measured with the router module's imports, in one process)."""
+    fields = load_request_fields()
+    if ray_serve_freezes_gc():
+        gc.freeze()
+        # At interpreter exit, let the final collection see them again (native extensions report
+        # objects left behind at exit as leaks).
+        atexit.register(gc.unfreeze)
+    return fields
+
+
+def ray_serve_freezes_gc() -> bool:
+    """Whether Serve froze this replica's objects at start-up: the operator's switch for it
+    (RAY_SERVE_FREEZE_GC_ON_STARTUP=0 turns it off) applies to ours too."""
+    from ray.serve._private import constants
+
+    return bool(getattr(constants, "RAY_SERVE_FREEZE_GC_ON_STARTUP", True))
 
 
 T = TypeVar("T")

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +20,7 @@ from deployments.router import (
     ends_with_message_stop,
     in_background_at_lowest_priority,
     load_request_fields,
+    load_request_fields_and_freeze,
     model_card,
     vllm_request_models,
 )
@@ -44,6 +47,33 @@ def test_background_load_passes_its_error_to_the_waiter():
 
     with pytest.raises(ImportError, match="no vllm here"):
         in_background_at_lowest_priority(load, "test-load").result(timeout=10)
+
+
+def test_request_fields_load_freezes_what_was_there_when_serve_freezes(monkeypatch):
+    """The router's background import of vLLM ends after Serve froze the replica's objects: its
+    leftovers are frozen too, so full collections don't scan them (see the function)."""
+    from ray.serve._private import constants
+
+    import deployments.router as router_module
+
+    at_exit: list = []  # this module's atexit only: the interpreter's own hooks stay as they are
+    monkeypatch.setattr(router_module, "atexit", SimpleNamespace(register=at_exit.append))
+    monkeypatch.setattr(constants, "RAY_SERVE_FREEZE_GC_ON_STARTUP", True, raising=False)
+    gc.unfreeze()
+    marker = [[]]  # a container the collector tracks, made before the load
+    try:
+        assert load_request_fields_and_freeze() == load_request_fields()
+        assert gc.get_freeze_count() > 0
+        assert all(obj is not marker for obj in gc.get_objects())  # frozen: no longer scanned
+        assert at_exit == [gc.unfreeze]  # unfrozen again at interpreter exit
+    finally:
+        gc.unfreeze()
+
+    # The operator's opt-out of Serve's freeze (RAY_SERVE_FREEZE_GC_ON_STARTUP=0) applies here too.
+    monkeypatch.setattr(constants, "RAY_SERVE_FREEZE_GC_ON_STARTUP", False)
+    load_request_fields_and_freeze()
+    assert gc.get_freeze_count() == 0
+    assert any(obj is marker for obj in gc.get_objects())
 
 
 def test_request_fields_come_from_vllms_request_models():
