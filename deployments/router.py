@@ -522,10 +522,7 @@ def load_request_fields_and_freeze() -> RequestFields:
     collection takes 0.3 ms (measured with the router module's imports, in one process)."""
     fields = load_request_fields()
     if ray_serve_freezes_gc():
-        # Frozen for the process's life, as Serve leaves its own. An atexit gc.unfreeze (tried)
-        # would hand Serve's frozen gRPC and Ray objects, too, to collections in the middle of
-        # Ray's shutdown; the CI run with it had `make serve` still stopping 90 s after Ctrl-C
-        # (13 s otherwise).
+        # Frozen for the process's life, as Serve leaves its own start-up objects.
         gc.freeze()
     return fields
 

@@ -69,6 +69,11 @@ def main() -> int:
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A shell without job control (a script, CI) starts background commands with SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt: `make serve &` could not be stopped with Ctrl-C
+    # or `kill -INT`. Take SIGINT back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         ray.init(**ray_init_kwargs(settings, os.cpu_count() or 1))
         run(settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -350,7 +351,7 @@ def test_make_serve_starts_a_head_of_its_own_and_serves_when_it_says_so(cluster:
     a cluster: this module's, found by Ray through the same RAY_TMPDIR. Without RAY_ADDRESS it starts
     a head of its own (a bare `ray.init()` would join that cluster and refuse `num_cpus`). The first
     requests after its "Serving" line succeed; Ctrl-C (SIGINT to its process group, as a terminal
-    sends it) stops it and every process it started."""
+    sends it) stops it and every process it started, even when it was started with SIGINT ignored."""
     c = cluster
     assert (c.tmpdir / "ray" / "ray_current_cluster").exists()  # what a bare ray.init() would join
     port = free_port_in(8400, 8499, {c.serve_port})
@@ -361,7 +362,10 @@ def test_make_serve_starts_a_head_of_its_own_and_serves_when_it_says_so(cluster:
     }
     log = c.tmpdir / "make_serve.log"
     lines: list[str] = []
-    proc = subprocess.Popen([sys.executable, "-m", "deployments.serve_main"], cwd=REPO_ROOT, env=env,
+    # Started with SIGINT ignored, as a shell without job control starts a background `make serve &`:
+    # Ctrl-C must stop it all the same.
+    command = f'trap "" INT; exec {shlex.quote(sys.executable)} -m deployments.serve_main'
+    proc = subprocess.Popen(["sh", "-c", command], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines, log), daemon=True)
     reader.start()
