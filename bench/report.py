@@ -163,7 +163,8 @@ def markdown(results: dict[str, Any]) -> str:
         "requests per measurement " + ", ".join(f"c={c}: {n}" for c, n in cfg["requests"].items())
         + f"; {cfg['repeats']} repeat(s); medians (ranges over repeats in brackets); "
         f"{cfg.get('settle_s', 0):g} s of quiet before every measurement.",
-        "- Method: start-ups measured one system at a time, alone on the machine; for the load, all "
+        f"- Method: start-ups measured one system at a time, alone on the machine, in "
+        f"{cfg.get('startup_repeats', 1)} round(s) (the order reversed every other round; medians); for the load, all "
         "systems up at once; at each point the load alternates between them, every ratio "
         f"comes from a back-to-back pair with bare vLLM, and bare vLLM measured twice in a row gives the "
         f"noise floor (bare/bare). Load client: {client.get('priority', 'n/a')} ({client.get('scheduling', '')}).",
@@ -171,16 +172,25 @@ def markdown(results: dict[str, Any]) -> str:
     for system, reason in results.get("skipped", {}).items():
         lines.append(f"- Skipped {LABELS[system]}: {reason}")
     lines += ["", "## Start-up (launch -> first streamed token of a chat request)", "",
-              "| system | first token (s) | /v1/models 200 (s) | vLLM compile cache |", "|---|---|---|---|"]
-    for info in results["systems"].values():
+              "| system | first token (s) | vs bare | /v1/models 200 (s) | vLLM compile cache |",
+              "|---|---|---|---|---|"]
+    bare_start = results["systems"].get(BARE, {}).get("startup", {}).get("first_token_s")
+    for system, info in results["systems"].items():
         st = info.get("startup")
         if not st:
             continue
         cache = st["compile_cache"] + (" (fresh cache dir)" if st.get("fresh_compile_cache") else "")
         if st.get("compile_cache_load_failed"):
             cache += "; cached graph failed to load, compiled again"
-        lines.append(f"| {info['label']} | {st['first_token_s']:.1f} | {_f(st.get('models_ok_s'), '.1f')} | {cache} |")
-    lines += ["", "cold = this start wrote vLLM's compile cache (it compiled); warm = it only read it. Ray-based "
+        first = f"{st['first_token_s']:.1f}"
+        if st.get("starts", 1) > 1:
+            low, high = st["first_token_range_s"]
+            first += f" [{low:.1f}-{high:.1f}]"
+        ratio = "1 (reference)" if system == BARE else (
+            f"{st['first_token_s'] / bare_start:.2f}" if bare_start else "n/a")
+        lines.append(f"| {info['label']} | {first} | {ratio} | {_f(st.get('models_ok_s'), '.1f')} | {cache} |")
+    lines += ["", "Medians over the rounds, ranges in brackets (/v1/models and the compile cache: of the median "
+              "start). cold = this start wrote vLLM's compile cache (it compiled); warm = it only read it. Ray-based "
               f"systems' workers run at nice {cfg.get('ray_worker_niceness')} (RAY_worker_niceness); bare vLLM at "
               "nice 0.", ""]
     rows = results.get("summary", [])

@@ -80,14 +80,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of quiet before every measurement (default 2; smoke 1): an engine busy-spins "
                         "up to ~1 s after its last request, which would land on the next system's run")
     p.add_argument("--no-chrt", action="store_true", help="run the load client at normal priority")
+    p.add_argument("--startup-repeats", type=int, default=None,
+                   help="rounds of start-ups, each system once per round, the order reversed every other "
+                        "round (default 3; quick 2; smoke 1; medians)")
     args = p.parse_args(argv)
 
     if args.smoke:
-        defaults = {"concurrency": "4", "repeats": 1, "systems": f"{BARE},{OURS}", "requests": 16}
+        defaults = {"concurrency": "4", "repeats": 1, "systems": f"{BARE},{OURS}", "requests": 16,
+                    "startup_repeats": 1}
     elif args.quick:
-        defaults = {"concurrency": "1,16", "repeats": 2, "systems": f"{BARE},{OURS},{RAYLLM}", "requests": None}
+        defaults = {"concurrency": "1,16", "repeats": 2, "systems": f"{BARE},{OURS},{RAYLLM}", "requests": None,
+                    "startup_repeats": 2}
     else:
-        defaults = {"concurrency": "1,4,16,64", "repeats": 3, "systems": f"{BARE},{OURS},{RAYLLM}", "requests": None}
+        defaults = {"concurrency": "1,4,16,64", "repeats": 3, "systems": f"{BARE},{OURS},{RAYLLM}",
+                    "requests": None, "startup_repeats": 3}
+    args.startup_repeats = args.startup_repeats or defaults["startup_repeats"]
     args.concurrency = [int(c) for c in (args.concurrency or defaults["concurrency"]).split(",") if c.strip()]
     args.repeats = args.repeats or defaults["repeats"]
     args.systems = [s.strip() for s in (args.systems or defaults["systems"]).split(",") if s.strip()]
@@ -104,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown mode {m!r}")
     if BARE not in args.systems:
         p.error("bare vLLM is the reference: --systems must include bare")
-    if any(c < 1 for c in args.concurrency) or args.repeats < 1:
-        p.error("concurrency and repeats must be >= 1")
+    if any(c < 1 for c in args.concurrency) or args.repeats < 1 or args.startup_repeats < 1:
+        p.error("concurrency, repeats and startup repeats must be >= 1")
     return args
 
 
@@ -207,6 +214,16 @@ def point_sequence(mode: str, systems: list[str], repeat: int) -> list[tuple[str
     return seq[::-1] if repeat % 2 else seq
 
 
+def median_start(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The start with the median first-token time (the lower middle one of an even count), with the
+    range over all starts."""
+    ordered = sorted(records, key=lambda r: r["first_token_s"])
+    middle = dict(ordered[(len(ordered) - 1) // 2])
+    middle["first_token_range_s"] = [ordered[0]["first_token_s"], ordered[-1]["first_token_s"]]
+    middle["starts"] = len(ordered)
+    return middle
+
+
 def command_for(server: Server, load_mode: str, concurrency: int, requests: int) -> dict:
     command = {"mode": load_mode, "concurrency": concurrency, "requests": requests, "base_url": server.base_url}
     if load_mode == NATIVE:
@@ -266,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": model, "served_model_name": "tiny", "max_model_len": MAX_MODEL_LEN,
             "max_num_seqs": MAX_NUM_SEQS, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
             "ignore_eos": True, "concurrency": args.concurrency, "repeats": args.repeats, "settle_s": args.settle,
+            "startup_repeats": args.startup_repeats,
             "requests": {str(c): requests_for(args, c) for c in args.concurrency},
             "modes": modes, "systems": systems, "smoke": args.smoke, "quick": args.quick,
             "ray_worker_niceness": args.ray_worker_niceness if args.ray_worker_niceness is not None
@@ -293,35 +311,48 @@ def main(argv: list[str] | None = None) -> int:
         # --- start-up: one system after the other, each measured alone -------------------------
         # Alone means alone: a system left up, even idle, slowed the next one's start by 8-12 s
         # here (ours: 35-36 s alone, 44-54 s beside an idle bare vLLM). So each is stopped after its
-        # measured start, and all are started again (not measured) for the load.
-        for i, system in enumerate(systems):
-            server = Server(system, pick_port(args.port_base + 10 * i, taken), model, logs,
-                            fresh_compile_cache=args.fresh_compile_cache,
-                            ray_worker_niceness=args.ray_worker_niceness)
-            print(f"[bench] starting {LABELS[system]} on 127.0.0.1:{server.port} ...", flush=True)
-            try:
-                startup = server.start_and_wait(STARTUP_TIMEOUT_S)
-            except Exception as exc:
-                server.stop()
-                if system == RAYLLM:
-                    reason = f"did not start: {exc}"
-                    print(f"[bench] skipping Ray Serve LLM: {reason}", flush=True)
-                    skipped[RAYLLM] = reason
-                    results["systems"][RAYLLM]["skipped"] = reason
-                    continue
-                raise
-            servers[system] = server
-            results["systems"][system]["startup"] = startup
-            results["systems"][system]["port"] = server.port
-            record_ray_info(results, system, server)
-            models = startup["models_ok_s"]
-            print(f"[bench] {system}: first token {startup['first_token_s']:.1f} s after launch "
-                  f"(/v1/models answered at {models if models is not None else 'n/a'} s; "
-                  f"compile cache {startup['compile_cache']}"
-                  + ("; vLLM failed to load its cached graph and compiled again"
-                     if startup["compile_cache_load_failed"] else "") + ")", flush=True)
-            if i < len(systems) - 1:
-                server.stop()
+        # measured start, and all are started again (not measured) for the load. Several rounds,
+        # the order reversed every other one: one start apiece swung by seconds (on a VM, memory
+        # touched for the first time since boot is slow, and it lands on whichever start needs it).
+        starts: dict[str, list[dict[str, Any]]] = {}
+        for round_no in range(args.startup_repeats):
+            order = systems if round_no % 2 == 0 else systems[::-1]
+            for i, system in enumerate(order):
+                last_start = round_no == args.startup_repeats - 1 and i == len(order) - 1
+                server = servers.get(system) or Server(
+                    system, pick_port(args.port_base + 10 * systems.index(system), taken), model, logs,
+                    fresh_compile_cache=args.fresh_compile_cache, ray_worker_niceness=args.ray_worker_niceness)
+                print(f"[bench] starting {LABELS[system]} on 127.0.0.1:{server.port} "
+                      f"(start-up round {round_no + 1}/{args.startup_repeats}) ...", flush=True)
+                try:
+                    startup = server.start_and_wait(STARTUP_TIMEOUT_S)
+                except Exception as exc:
+                    server.stop()
+                    if system == RAYLLM:
+                        reason = f"did not start: {exc}"
+                        print(f"[bench] skipping Ray Serve LLM: {reason}", flush=True)
+                        skipped[RAYLLM] = reason
+                        results["systems"][RAYLLM]["skipped"] = reason
+                        servers.pop(RAYLLM, None)
+                        starts.pop(RAYLLM, None)
+                        systems = [s for s in systems if s != RAYLLM]
+                        continue
+                    raise
+                servers[system] = server
+                starts.setdefault(system, []).append({"round": round_no, "position": i, **startup})
+                results["systems"][system]["port"] = server.port
+                record_ray_info(results, system, server)
+                models = startup["models_ok_s"]
+                print(f"[bench] {system}: first token {startup['first_token_s']:.1f} s after launch "
+                      f"(/v1/models answered at {models if models is not None else 'n/a'} s; "
+                      f"compile cache {startup['compile_cache']}"
+                      + ("; vLLM failed to load its cached graph and compiled again"
+                         if startup["compile_cache_load_failed"] else "") + ")", flush=True)
+                if not last_start:
+                    server.stop()
+        for system, records in starts.items():
+            results["systems"][system]["startup"] = median_start(records)
+            results["systems"][system]["startup_runs"] = records
         systems = [s for s in systems if s in servers]
         for system in (s for s in systems if servers[s].proc is None):
             print(f"[bench] starting {LABELS[system]} again for the load ...", flush=True)

@@ -135,6 +135,7 @@ class Server:
         before = compile_cache_entries(cache_root)
         # Appended: a server restarted for the load keeps its measured start's log above.
         self._log = open(self.log_dir / f"{self.system}.log", "a")
+        log_start = self._log.tell()  # this start's part of the log begins here
         command = self.command()
         self._log.write("$ " + " ".join(command) + "\n")
         self._log.flush()
@@ -164,7 +165,9 @@ class Server:
             self.info = json.loads(self.info_file.read_text())
         after = compile_cache_entries(cache_root)
         self._log.flush()
-        log_text = (self.log_dir / f"{self.system}.log").read_text(errors="replace")
+        with open(self.log_dir / f"{self.system}.log", "rb") as log:
+            log.seek(log_start)
+            log_text = log.read().decode(errors="replace")
         self.startup = {
             "first_token_s": round(first_token_s, 1),
             "models_ok_s": round(models_s, 1) if models_s is not None else None,

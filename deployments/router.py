@@ -5,17 +5,12 @@ engine deployment answers it with vLLM's own OpenAI layer, and bytes pass throug
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import gc
 import hmac
 import json
 import logging
-import os
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -49,7 +44,9 @@ from deployments.native import (
     split_sse,
 )
 from deployments.observability import RequestObserver, RequestRecord, RouterMetrics
+from deployments.request_models import RequestSchemas
 from deployments.routes import ANTHROPIC_ROUTES, engine_route, speaks_anthropic
+from deployments.shared_fetch import SharedFetch
 
 logger = logging.getLogger("ray.serve")
 
@@ -67,34 +64,34 @@ app = FastAPI(
 )
 
 
-def _openapi_with_request_models() -> dict[str, Any]:
+# FastAPI serves /openapi.json from a synchronous `app.openapi()`; the router's own route (Router.openapi)
+# awaits vLLM's request models from an engine replica, so FastAPI's route is taken out (/docs and
+# /redoc stay, and read the router's).
+app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) != app.openapi_url]
+
+
+def openapi_with_request_models(schemas: RequestSchemas | None) -> dict[str, Any]:
     """The routes pass request bytes through, so FastAPI can't see their models: declare vLLM's
     request models (the real contract) in the schema clients and fuzzers read."""
-    if app.openapi_schema:
-        return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
-    from pydantic import TypeAdapter
 
     schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    models = vllm_request_models()
-    for name, model in models.values():
-        model_schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}")
-        components.update(model_schema.pop("$defs", {}))
-        components[name] = model_schema
+    if schemas is None:
+        return schema
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas.components)
     # Every path with a body, its aliases and its /openai/v1 twin included, declares its route's model.
     for path, operations in schema["paths"].items():
         route = engine_route(path)
-        if "post" in operations and route in models:
+        if "post" in operations and route in schemas.names:
             operations["post"]["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{models[route][0]}"}}},
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schemas.names[route]}"}}},
             }
-    app.openapi_schema = schema
     return schema
 
 
-app.openapi = _openapi_with_request_models
+# Whoever else asks FastAPI for the schema gets the router's, never a cached one without the models.
+app.openapi = lambda: app.openapi_schema or openapi_with_request_models(None)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -144,12 +141,10 @@ class Router:
         self._batch_defaults = BatchPolicy(
             settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_MIN_BATCH_SIZE, settings.DEFAULT_BATCH_SIZE_GROWTH_FACTOR
         )
-        # vLLM's request models, for the checks: importing vLLM costs ~10 s of CPU, which on a small
-        # box would be taken from the engine replica starting beside this one (the start-up's
-        # critical path). So it runs in a background thread at the lowest priority; requests that
-        # need the fields wait for it (they would wait for the engine anyway).
-        self._fields_loading = in_background_at_lowest_priority(load_request_fields_and_freeze, "request-fields")
-        self._fields: RequestFields | None = None
+        # vLLM's request fields, for the checks: from an engine replica, which has vLLM imported
+        # (deployments.request_models). Requests that need them before any engine is up wait for one,
+        # as they would for the engine anyway.
+        self._request_fields = SharedFetch(self._engine.request_fields.remote).get
         self._limits = RequestLimits(
             settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN
         )
@@ -158,6 +153,19 @@ class Router:
         )
 
     # --- HTTP routes ------------------------------------------------------------------------------
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> JSONResponse:
+        """FastAPI's schema of the routes, with vLLM's request models from an engine replica."""
+        if app.openapi_schema is None:
+            try:
+                schemas = await asyncio.wait_for(self._request_schemas(), READ_TIMEOUT_S)
+            except Exception as exc:
+                # No engine up yet: the routes without their models, for now (not kept).
+                logger.info("OpenAPI schema without vLLM's request models: %s", type(exc).__name__)
+                return JSONResponse(openapi_with_request_models(None))
+            app.openapi_schema = openapi_with_request_models(schemas)
+        return JSONResponse(app.openapi_schema)
+
     @app.get("/health")
     async def health(self) -> Response:
         """200 once an engine can serve; 503 while none can (loading, restarting or dead)."""
@@ -256,6 +264,9 @@ class Router:
         replica = {k: v for k, v in listed.headers.items() if k in PASSED_HEADERS}
         return Response(card, media_type="application/json", headers=replica)
 
+    async def _request_schemas(self) -> RequestSchemas:
+        return await self._engine.request_schemas.remote()
+
     # --- the path every OpenAI request takes ------------------------------------------------------
     def _authorize(self, headers: Any) -> None:
         """`Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's)."""
@@ -285,11 +296,6 @@ class Router:
             check_size(size, self._limits)
             parts.append(part)
         return b"".join(parts)
-
-    async def _request_fields(self) -> RequestFields:
-        if self._fields is None:
-            self._fields = await asyncio.wrap_future(self._fields_loading)
-        return self._fields
 
     async def _admit(self, path: str, body: bytes) -> None:
         """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
@@ -429,132 +435,6 @@ class Router:
             if generation:
                 self._limiter.release()
             self._observer.finish(record)
-
-
-def object_fields(model: Any) -> frozenset[str]:
-    """Fields a pydantic request model types as an object (a nested model or a dict, maybe optional).
-    For a union of request models (vLLM's EmbeddingRequest), the fields every member that has them
-    types as an object."""
-    import dataclasses
-    import types
-    import typing
-
-    from pydantic import BaseModel
-
-    if typing.get_origin(model) is typing.Annotated:
-        model = typing.get_args(model)[0]
-    if typing.get_origin(model) in (typing.Union, types.UnionType):
-        members = typing.get_args(model)
-        found = {name for member in members for name in object_fields(member)}
-        return frozenset(name for name in found
-                         if all(name in object_fields(m) for m in members if name in m.model_fields))
-
-    def is_object(annotation: Any) -> bool:
-        origin = typing.get_origin(annotation)
-        if origin in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            return bool(args) and all(is_object(a) for a in args)
-        if origin is typing.Annotated:
-            return is_object(typing.get_args(annotation)[0])
-        if origin is dict or annotation is dict:
-            return True
-        if not isinstance(annotation, type):
-            return False
-        return issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)
-
-    return frozenset(name for name, field in model.model_fields.items() if is_object(field.annotation))
-
-
-@dataclass(frozen=True)
-class RequestFields:
-    chat: frozenset[str]  # fields vLLM's chat request accepts
-    completion: frozenset[str]  # fields vLLM's completion request accepts
-    objects: dict[str, frozenset[str]]  # per route: fields typed as objects
-
-
-def vllm_request_models() -> dict[str, tuple[str, Any]]:
-    """vLLM's request model (or union of models) for each route the router forwards a body on, with
-    its schema name: the one table behind the request checks and the OpenAPI schema."""
-    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-    from vllm.entrypoints.pooling.classify.protocol import ClassificationRequest
-    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-    from vllm.entrypoints.pooling.pooling.protocol import PoolingRequest
-    from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
-    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
-
-    return {
-        "/v1/chat/completions": ("ChatCompletionRequest", ChatCompletionRequest),
-        "/v1/completions": ("CompletionRequest", CompletionRequest),
-        "/v1/responses": ("ResponsesRequest", ResponsesRequest),
-        "/v1/embeddings": ("EmbeddingRequest", EmbeddingRequest),  # a union: texts or messages
-        "/score": ("ScoreRequest", ScoreRequest),  # a union: text_1/text_2, queries/documents...
-        "/rerank": ("RerankRequest", RerankRequest),
-        "/classify": ("ClassificationRequest", ClassificationRequest),  # a union: texts or messages
-        "/pooling": ("PoolingRequest", PoolingRequest),
-        "/v1/messages": ("AnthropicMessagesRequest", AnthropicMessagesRequest),
-        "/v1/messages/count_tokens": ("AnthropicCountTokensRequest", AnthropicCountTokensRequest),
-        "/tokenize": ("TokenizeRequest", TokenizeRequest),  # a union: a prompt or messages
-        "/detokenize": ("DetokenizeRequest", DetokenizeRequest),
-    }
-
-
-def load_request_fields() -> RequestFields:
-    """From vLLM's request models (native sampling_params are checked against the chat and
-    completion fields, since vLLM's request models ignore unknown fields)."""
-    models = {route: model for route, (_, model) in vllm_request_models().items()}
-    return RequestFields(
-        chat=frozenset(models["/v1/chat/completions"].model_fields),
-        completion=frozenset(models["/v1/completions"].model_fields),
-        objects={route: object_fields(model) for route, model in models.items()},
-    )
-
-
-def load_request_fields_and_freeze() -> RequestFields:
-    """load_request_fields, then the garbage collector's freeze for what the import left.
-
-    Serve freezes a replica's objects when its __init__ returns (RAY_SERVE_FREEZE_GC_ON_STARTUP),
-    so full collections skip them. vLLM's import here ends later, in the background: it left
-    over 500,000 objects that every full collection of this replica then scanned, 230-270 ms each with
-    the event loop stopped (every stream of this router paused). Frozen with the rest, a full
-    collection takes 0.3 ms (measured with the router module's imports, in one process)."""
-    fields = load_request_fields()
-    if ray_serve_freezes_gc():
-        # Frozen for the process's life, as Serve leaves its own start-up objects.
-        gc.freeze()
-    return fields
-
-
-def ray_serve_freezes_gc() -> bool:
-    """Whether Serve froze this replica's objects at start-up: the operator's switch for it
-    (RAY_SERVE_FREEZE_GC_ON_STARTUP=0 turns it off) applies to ours too."""
-    from ray.serve._private import constants
-
-    return bool(getattr(constants, "RAY_SERVE_FREEZE_GC_ON_STARTUP", True))
-
-
-T = TypeVar("T")
-
-
-def in_background_at_lowest_priority(load: Callable[[], T], name: str) -> concurrent.futures.Future[T]:
-    """Runs `load` in a daemon thread at nice 19 (Linux sets niceness per thread; raising it needs
-    no privilege): it gets the CPU only when the processes around it leave some."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (OSError, AttributeError):
-            pass  # not Linux, or not allowed: load at the usual priority
-        try:
-            future.set_result(load())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 def model_card(model_list: bytes, model_id: str) -> bytes | None:

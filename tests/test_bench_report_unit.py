@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from bench.common import BARE, NATIVE, OURS, STREAM
 from bench.report import markdown, summarize
-from bench.run import point_sequence
+from bench.run import median_start, point_sequence
 
 
 def test_the_runpod_point_runs_our_http_path_and_bare_vllm_on_either_side():
@@ -45,17 +45,48 @@ def test_the_runpod_row_pairs_each_job_run_with_the_http_run_beside_it():
     assert "ratio_to_our_http" not in bare and bare["measurements"] == 3
 
 
-def test_the_markdown_shows_the_runpod_to_http_ratio():
-    results = {
+def _results(runs: list | None = None, systems: dict | None = None) -> dict:
+    """A run's results as bench.run writes them, around the given runs and systems."""
+    return {
         "date": "2026-11-24T00:00:00+00:00",
         "machine": {"nproc": 2, "cpu_model": "cpu", "mem_gib": 24, "platform": "linux", "python": "3.11"},
         "versions": {},
         "config": {"max_model_len": 512, "max_num_seqs": 256, "input_len": 64, "output_len": 64,
                    "requests": {"4": 32}, "repeats": 3, "settle_s": 2, "ray_worker_niceness": 15},
-        "systems": {},
-        "runs": _native_point_runs(),
+        "systems": systems or {},
+        "runs": runs or [],
     }
+
+
+def test_the_markdown_shows_the_runpod_to_http_ratio():
+    results = _results(runs=_native_point_runs())
     results["summary"] = summarize(results)
     text = markdown(results)
     assert "| c | RunPod / our HTTP | pairs |" in text
     assert "| 4 | 0.95 [0.90-1.00] | 3 |" in text
+
+
+def _start(first_token_s: float, cache: str = "warm") -> dict:
+    return {"first_token_s": first_token_s, "models_ok_s": first_token_s, "compile_cache": cache,
+            "compile_cache_load_failed": False}
+
+
+def test_start_up_is_the_median_start_with_the_range_of_all():
+    median = median_start([_start(31.0, "cold"), _start(27.5), _start(29.0)])
+    assert median["first_token_s"] == 29.0 and median["first_token_range_s"] == [27.5, 31.0]
+    assert median["starts"] == 3
+    # An even count takes the lower middle start (a real start, never an average of two).
+    assert median_start([_start(30.0), _start(28.0)])["first_token_s"] == 28.0
+
+
+def test_the_markdown_shows_start_ups_with_their_range_and_ratio_to_bare():
+    results = _results(systems={
+        BARE: {"label": "bare vLLM server", "startup": median_start([_start(25.0), _start(26.0), _start(27.0)])},
+        OURS: {"label": "ours", "startup": median_start([_start(28.6), _start(29.9), _start(33.0)])},
+    })
+    results["config"]["startup_repeats"] = 3
+    results["summary"] = []
+    text = markdown(results)
+    assert "| bare vLLM server | 26.0 [25.0-27.0] | 1 (reference) |" in text
+    assert "| ours | 29.9 [28.6-33.0] | 1.15 |" in text
+    assert "in 3 round(s)" in text

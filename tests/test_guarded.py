@@ -9,6 +9,7 @@ import json
 import re
 import time
 import uuid
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -314,6 +315,37 @@ def test_openapi_declares_the_request_models(app):
         body = schema["paths"][path]["post"]["requestBody"]
         assert body["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{model}", path
     assert "documents" in schema["components"]["schemas"]["RerankRequest"]["properties"]
+
+
+def _replica_pids(deployment: str) -> list[int]:
+    """This app's replicas of `deployment`, by the title Ray gives them."""
+    title = f"ray::ServeReplica:{APP}:{deployment}".encode()
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(title):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass  # a process that ended meanwhile
+    return pids
+
+
+def _loaded_vllm(pid: int) -> bool:
+    """vLLM's and torch's native libraries are mapped in a process that imported vLLM."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "libtorch" in maps or "/vllm/" in maps
+
+
+def test_the_router_replica_never_loads_vllm(app):
+    """The request checks and /openapi.json read vLLM's request models from the engine replica:
+    the router stays without vLLM (~4.5 s of CPU at start-up and ~480 MB saved per router)."""
+    assert post(app, "/v1/chat/completions", chat_body()).status_code == 200
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        assert http.get("/openapi.json").status_code == 200
+    routers, engines = _replica_pids("Router"), _replica_pids("EngineServer")
+    assert routers and engines
+    assert not any(_loaded_vllm(pid) for pid in routers)
+    assert all(_loaded_vllm(pid) for pid in engines)  # what the check sees when vLLM is there
 
 
 # Left out of this app's fuzzing: the routes of pooling models (embeddings, scoring,

@@ -1,73 +1,119 @@
-"""The router's pure helpers: background loading of vLLM's request fields, the cut-stream guard
-(no Ray, no engine)."""
+"""The router's pure helpers: vLLM's request fields and schemas (which the engine replica reads for
+it), the shared fetch, the OpenAPI document, the cut-stream guard (no Ray, no engine)."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
-import os
-import threading
+import subprocess
+import sys
 
-import pytest
-
+from deployments.request_models import load_request_fields, load_request_schemas, vllm_request_models
 from deployments.router import (
     STREAM_END_CHECKS,
     StreamCut,
     _whole_stream,
     ends_with_final_response_event,
     ends_with_message_stop,
-    in_background_at_lowest_priority,
-    load_request_fields,
-    load_request_fields_and_freeze,
     model_card,
-    vllm_request_models,
+    openapi_with_request_models,
 )
 from deployments.routes import JOB_ROUTES, engine_route, speaks_anthropic
+from deployments.shared_fetch import SharedFetch
 
 
-def test_background_load_runs_at_the_lowest_priority_off_the_caller_thread():
-    caller = threading.get_native_id()
-    caller_niceness = os.getpriority(os.PRIO_PROCESS, caller)
-
-    def load() -> tuple[int, int]:
-        return threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    thread_id, niceness = in_background_at_lowest_priority(load, "test-load").result(timeout=10)
-    assert thread_id != caller
-    assert niceness == 19
-    # The caller's own priority is untouched.
-    assert os.getpriority(os.PRIO_PROCESS, caller) == caller_niceness
+def test_the_router_and_the_runpod_worker_never_import_vllm():
+    """vLLM's import costs ~4.5 s of CPU and ~480 MB per process: the router gets vLLM's request
+    models from the engine replica instead, and the RunPod worker only talks to the router."""
+    code = ("import sys, deployments.router, deployments.app, handler.worker; "
+            "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_background_load_passes_its_error_to_the_waiter():
-    def load() -> None:
-        raise ImportError("no vllm here")
+class CountedFetch:
+    """A fetch that takes `delay_s`, counts its calls, and gives its outcomes in turn (an exception
+    is raised)."""
 
-    with pytest.raises(ImportError, match="no vllm here"):
-        in_background_at_lowest_priority(load, "test-load").result(timeout=10)
+    def __init__(self, *outcomes: object, delay_s: float = 0.05) -> None:
+        self.outcomes, self.delay_s, self.calls = list(outcomes), delay_s, 0
+
+    async def __call__(self) -> object:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        outcome = self.outcomes[min(self.calls, len(self.outcomes)) - 1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
 
-def test_request_fields_load_freezes_what_was_there_when_serve_freezes(monkeypatch):
-    """The router's background import of vLLM ends after Serve froze the replica's objects: its
-    leftovers are frozen too, so full collections don't scan them (see the function)."""
-    from ray.serve._private import constants
+def test_shared_fetch_runs_once_for_concurrent_callers_and_keeps_the_value():
+    fetch = CountedFetch("fields")
 
-    monkeypatch.setattr(constants, "RAY_SERVE_FREEZE_GC_ON_STARTUP", True, raising=False)
-    gc.unfreeze()
-    marker = [[]]  # a container the collector tracks, made before the load
-    try:
-        assert load_request_fields_and_freeze() == load_request_fields()
-        assert gc.get_freeze_count() > 0
-        assert all(obj is not marker for obj in gc.get_objects())  # frozen: no longer scanned
-    finally:
-        gc.unfreeze()
+    async def scenario() -> None:
+        shared = SharedFetch(fetch)
+        assert await asyncio.gather(*(shared.get() for _ in range(5))) == ["fields"] * 5
+        assert await shared.get() == "fields"
+        assert fetch.calls == 1
 
-    # The operator's opt-out of Serve's freeze (RAY_SERVE_FREEZE_GC_ON_STARTUP=0) applies here too.
-    monkeypatch.setattr(constants, "RAY_SERVE_FREEZE_GC_ON_STARTUP", False)
-    load_request_fields_and_freeze()
-    assert gc.get_freeze_count() == 0
-    assert any(obj is marker for obj in gc.get_objects())
+    asyncio.run(scenario())
+
+
+def test_shared_fetch_fails_its_waiters_then_fetches_again():
+    fetch = CountedFetch(RuntimeError("engine not up"), "fields", delay_s=0.01)
+
+    async def scenario() -> None:
+        shared = SharedFetch(fetch)
+        results = await asyncio.gather(shared.get(), shared.get(), return_exceptions=True)
+        assert [str(r) for r in results] == ["engine not up"] * 2
+        assert await shared.get() == "fields"
+        assert fetch.calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_does_not_cancel_the_fetch_for_the_others():
+    fetch = CountedFetch("fields", delay_s=0.1)
+
+    async def scenario() -> None:
+        shared = SharedFetch(fetch)
+        first = asyncio.ensure_future(shared.get())
+        second = asyncio.ensure_future(shared.get())
+        await asyncio.sleep(0.02)
+        first.cancel()  # a client that went away
+        assert await second == "fields"
+        assert first.cancelled() and fetch.calls == 1
+
+    asyncio.run(scenario())
+
+
+def test_openapi_declares_vllms_models_on_every_route_and_alias_with_a_body():
+    schemas = load_request_schemas()
+    schema = openapi_with_request_models(schemas)
+    components = schema["components"]["schemas"]
+    assert {"ChatCompletionRequest", "CompletionRequest", "AnthropicMessagesRequest"} <= set(components)
+    for path in ("/v1/chat/completions", "/openai/v1/chat/completions", "/v2/rerank", "/v1/messages"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{schemas.names[engine_route(path)]}"}
+    # Every reference resolves within the document.
+    refs = set()
+
+    def collect(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.add(node["$ref"].rsplit("/", 1)[-1])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(schema)
+    assert refs <= set(components)
+    # Without an engine yet: the routes alone, no request models.
+    bare = openapi_with_request_models(None)
+    assert "/v1/chat/completions" in bare["paths"]
+    assert "requestBody" not in bare["paths"]["/v1/chat/completions"]["post"]
 
 
 def test_request_fields_come_from_vllms_request_models():
