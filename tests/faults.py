@@ -14,16 +14,16 @@ import ray
 from ray import serve
 
 
-def replica_actor_name(app: str, replica_id: str) -> str:
-    return f"SERVE_REPLICA::{app}#EngineServer#{replica_id}"
+def replica_actor_name(app: str, replica_id: str, deployment: str = "EngineServer") -> str:
+    return f"SERVE_REPLICA::{app}#{deployment}#{replica_id}"
 
 
 def kill_replica_actor(app: str, replica_id: str) -> None:
     ray.kill(ray.get_actor(replica_actor_name(app, replica_id), namespace="serve"), no_restart=True)
 
 
-def replica_process(app: str, replica_id: str) -> psutil.Process:
-    actor = ray.get_actor(replica_actor_name(app, replica_id), namespace="serve")
+def replica_process(app: str, replica_id: str, deployment: str = "EngineServer") -> psutil.Process:
+    actor = ray.get_actor(replica_actor_name(app, replica_id, deployment), namespace="serve")
     return psutil.Process(ray.get(actor.__ray_call__.remote(lambda _self: os.getpid())))
 
 
@@ -44,8 +44,8 @@ def kill_engine_process(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def replica_ids(app: str) -> set[str]:
-    prefix = f"SERVE_REPLICA::{app}#EngineServer#"
+def replica_ids(app: str, deployment: str = "EngineServer") -> set[str]:
+    prefix = replica_actor_name(app, "", deployment)
     return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(prefix)}
 

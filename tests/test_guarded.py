@@ -18,7 +18,7 @@ import ray
 from ray import serve
 
 from tests.apps import TestApps
-from tests.faults import sse_lines
+from tests.faults import replica_ids, replica_process, sse_lines
 
 KEYS = ("key-one-3f9a", "key-two-77c1")
 AUTH = {"authorization": f"Bearer {KEYS[1]}"}
@@ -317,17 +317,8 @@ def test_openapi_declares_the_request_models(app):
     assert "documents" in schema["components"]["schemas"]["RerankRequest"]["properties"]
 
 
-def _replica_pids(deployment: str) -> list[int]:
-    """This app's replicas of `deployment`, by the title Ray gives them."""
-    title = f"ray::ServeReplica:{APP}:{deployment}".encode()
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(title):
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            pass  # a process that ended meanwhile
-    return pids
+def _replica_pids(deployment: str) -> set[int]:
+    return {replica_process(APP, replica, deployment).pid for replica in replica_ids(APP, deployment)}
 
 
 def _loaded_vllm(pid: int) -> bool:
