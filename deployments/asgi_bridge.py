@@ -6,12 +6,16 @@ non-streaming response); after that, one item per body part. The app's send() re
 consumer has taken the message, as a socket's backpressure would: a consumer that keeps up gets
 every token at once, and a busy one makes vLLM merge the tokens that arrive meanwhile into one
 event. There is no fixed batching delay.
+
+With `forward`, the body parts after the first don't come out of the iterator: the app's own send()
+hands each to `forward` (the engine's channel to the router, deployments.stream_channel), which
+saves a task switch per part; the iterator then ends when the app has sent its whole body.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 # (status, headers, first body part, more parts follow)
@@ -37,14 +41,18 @@ def _scope(method: str, path: str, query: bytes, headers: list[tuple[str, str]])
 
 
 async def stream_asgi(
-    app: Any, method: str, path: str, headers: list[tuple[str, str]], body: bytes, query: bytes = b""
+    app: Any, method: str, path: str, headers: list[tuple[str, str]], body: bytes, query: bytes = b"",
+    forward: Callable[[bytes], Awaitable[None]] | None = None,
 ) -> AsyncIterator[ResponseHead | bytes]:
-    """Yields a ResponseHead, then bytes. Closing the iterator tells the app the client left
-    (http.disconnect) and cancels it, which is how vLLM learns to abort the request."""
+    """Yields a ResponseHead, then bytes (none with `forward`). Closing the iterator tells the app
+    the client left (http.disconnect) and cancels it, which is how vLLM learns to abort the request."""
     messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     disconnected = asyncio.Event()
     taken = asyncio.Event()  # set by the consumer on every message it takes
     request_sent = False
+    forwarding = False  # set once the head is taken, when `forward` is given
+    body_finished = False
+    forward_failed: str | None = None
 
     async def receive() -> dict[str, Any]:
         nonlocal request_sent
@@ -55,6 +63,24 @@ async def stream_asgi(
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
+        nonlocal body_finished, forward_failed
+        if forwarding and message["type"] == "http.response.body":
+            if forward_failed is not None:
+                return
+            # Straight to the channel, in the app's own task: its backpressure is the channel's.
+            part = message.get("body", b"")
+            if part:
+                try:
+                    await forward(part)  # type: ignore[misc]
+                except Exception as exc:
+                    # The router can't be reached: the app is told its client left, as a socket's
+                    # error would tell it. Raising here instead would leave vLLM's stream generator
+                    # suspended at its yield, aborted only when the garbage collector closes it.
+                    forward_failed = repr(exc)
+                    disconnected.set()
+                    return
+            body_finished = not message.get("more_body", False)
+            return
         messages.put_nowait(message)
         # Backpressure, as a socket gives it: return only once the consumer has taken the message.
         # While the app waits here, vLLM merges the outputs that arrive into one pending delta, so a
@@ -68,7 +94,9 @@ async def stream_asgi(
         try:
             await app(_scope(method, path, query, headers), receive, send)
         except Exception as exc:  # the app failed outside its own exception handlers
-            messages.put_nowait({"type": "bridge.error", "error": exc})
+            # Its description, not the exception: its traceback would hold the app's frames, and with
+            # them vLLM's stream generator, whose closing is what aborts the request in the engine.
+            messages.put_nowait({"type": "bridge.error", "error": repr(exc)})
         finally:
             messages.put_nowait(None)
 
@@ -77,13 +105,22 @@ async def stream_asgi(
         start = await messages.get()
         if start is None or start["type"] != "http.response.start":
             error = start.get("error") if start else None
-            raise RuntimeError(f"the engine's server ended without a response: {error!r}")
+            raise RuntimeError(f"the engine's server ended without a response: {error}")
         status = start["status"]
         response_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in start.get("headers", [])]
         taken.set()
         first, more = await _next_body(messages, taken)
+        # No await since the app was let go on: its next send() already sees this.
+        forwarding = forward is not None and more
         yield (status, response_headers, first, more)
-        while more:
+        if forwarding:
+            end = await messages.get()  # None once the app returned, or the error it failed with
+            if forward_failed is not None:
+                raise RuntimeError(f"the engine's stream could not go on to the router: {forward_failed}")
+            if not body_finished:
+                _body_of(end)
+                raise RuntimeError(f"the engine's server sent {end!r} after the head")  # not ASGI
+        while more and not forwarding:
             part, more = await _next_body(messages, taken)
             yield part
     finally:
@@ -100,7 +137,7 @@ def _body_of(message: dict[str, Any] | None) -> tuple[bytes, bool]:
     if message is None:  # the app returned, or was cancelled, before finishing its body
         raise RuntimeError("the engine's server stopped before finishing its response")
     if message["type"] == "bridge.error":
-        raise RuntimeError(f"the engine's server failed mid-response: {message['error']!r}")
+        raise RuntimeError(f"the engine's server failed mid-response: {message['error']}")
     return message.get("body", b""), bool(message.get("more_body", False))
 
 

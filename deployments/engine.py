@@ -21,6 +21,7 @@ from deployments import engine_core_process, process_title
 from deployments.asgi_bridge import ResponseHead, stream_asgi
 from deployments.errors import envelope
 from deployments.request_models import RequestFields, RequestSchemas, load_request_fields, load_request_schemas
+from deployments.stream_channel import BodyEnd, ReplyChannels, ReplyTo
 
 logger = logging.getLogger("ray.serve")
 
@@ -119,16 +120,20 @@ class EngineServer:
         # For the router's request checks (it doesn't import vLLM): ~1 ms here, where vLLM is loaded.
         self._request_fields = load_request_fields()
         self._request_schemas: RequestSchemas | None = None
+        self._reply_channels = ReplyChannels()
         self._replica_header = ("x-engine-replica", serve.get_replica_context().replica_id.unique_id)
         logger.info("vLLM engine for %s ready in %.1f s (engine core %s)", self._served_model_name,
                     time.monotonic() - started, "forked from the preloaded fork server" if engine_core_forked
                     else "started by vLLM's own method")
 
     async def http(
-        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
-    ) -> AsyncIterator[ResponseHead | bytes]:
-        """One OpenAI request through vLLM's server app: a ResponseHead, then body bytes."""
-        items = stream_asgi(self._app, method, path, headers, body)
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, reply_to: ReplyTo | None = None
+    ) -> AsyncIterator[ResponseHead | bytes | BodyEnd]:
+        """One OpenAI request through vLLM's server app: a ResponseHead, then the body's other parts,
+        as items of this call or, with `reply_to`, through the router's channel and then a BodyEnd
+        (deployments.stream_channel)."""
+        forward = None if reply_to is None else self._reply_channels.forwarder(reply_to)
+        items = stream_asgi(self._app, method, path, headers, body, forward=forward)
         status, response_headers, first_part, more = await items.__anext__()
         if status >= 500 and not more and self._engine.errored:
             # vLLM reports a dead engine as a 500; to the caller it is a retryable 503: Serve's
@@ -146,8 +151,10 @@ class EngineServer:
             )).encode()
         # Which replica answered: for operators reading logs, and for tests of replica spread.
         yield status, [*response_headers, self._replica_header], first_part, more
-        async for item in items:
+        async for item in items:  # none with `forward`: it takes them
             yield item
+        if forward is not None and more:
+            yield BodyEnd(forward.sent)
 
     async def request_fields(self) -> RequestFields:
         """vLLM's request fields the router checks requests against."""
@@ -170,6 +177,9 @@ class EngineServer:
         return len(self._engine.output_processor.request_states)
 
     def __del__(self) -> None:
+        channels = getattr(self, "_reply_channels", None)
+        if channels is not None:
+            channels.close()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import ray.util
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -47,6 +48,7 @@ from deployments.observability import RequestObserver, RequestRecord, RouterMetr
 from deployments.request_models import RequestSchemas
 from deployments.routes import ANTHROPIC_ROUTES, engine_route, speaks_anthropic
 from deployments.shared_fetch import SharedFetch
+from deployments.stream_channel import ChanneledStream, StreamInbox
 
 logger = logging.getLogger("ray.serve")
 
@@ -132,6 +134,8 @@ class Router:
         self._engine = engine
         # Configured handle methods are built once, not per request.
         self._engine_http = engine.options(stream=True, **HANDLE_SERIALIZATION).http
+        # Streamed bodies come back through this replica's channel (deployments.stream_channel).
+        self._inbox = StreamInbox(ray.util.get_node_ip_address())
         self._engine_health = engine.check_health
         self._settings = settings
         self._api_keys = tuple(k.encode() for k in settings.api_keys)
@@ -304,6 +308,10 @@ class Router:
         await self._limiter.acquire()
         self._observer.update_gauges()
 
+    def _call_engine(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> ChanneledStream:
+        """One call to the engine deployment: its head through Serve, a streamed body through the channel."""
+        return ChanneledStream(self._inbox, self._engine_http, method, path, headers, body)
+
     def _fail(self, exc: BaseException, record: RequestRecord, anthropic: bool = False) -> JSONResponse:
         response = error_response(exc, record.request_id, anthropic)
         record.status = response.status_code
@@ -327,7 +335,7 @@ class Router:
             (REQUEST_ID_HEADER, record.request_id),
         ]
         try:
-            stream = self._engine_http.remote(request.method, path, headers, body)
+            stream = self._call_engine(request.method, path, headers, body)
             first = stream.__anext__()
             status, engine_headers, first_part, more = await (
                 first if generation else asyncio.wait_for(first, READ_TIMEOUT_S)
@@ -404,7 +412,7 @@ class Router:
         try:
             body = json.dumps(job.body).encode() if job.body is not None else b""
             headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, job_id)]
-            stream = self._engine_http.remote(job.method, job.route, headers, body)
+            stream = self._call_engine(job.method, job.route, headers, body)
             status, _, first_part, more = await stream.__anext__()
             record.status = status
             record.saw_first_byte()

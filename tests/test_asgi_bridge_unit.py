@@ -300,6 +300,100 @@ def test_an_app_returning_mid_body_fails_the_stream():
     asyncio.run(main())
 
 
+class Forwarded:
+    """A `forward` target that records the parts (and fails on the `fail_at`-th one, if given)."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.parts: list[bytes] = []
+        self.fail_at = fail_at
+
+    async def __call__(self, part: bytes) -> None:
+        if self.fail_at is not None and len(self.parts) + 1 == self.fail_at:
+            raise ConnectionError("the channel closed")
+        self.parts.append(part)
+
+
+def test_with_forward_the_parts_after_the_head_go_to_it_and_the_iterator_ends_with_the_body():
+    async def main() -> None:
+        forwarded = Forwarded()
+        items = [item async for item in stream_asgi(make_app({}), "GET", "/slow-stream", [], b"",
+                                                    forward=forwarded)]
+        assert len(items) == 1
+        _, _, first, more = items[0]
+        assert (first, more) == (b"data: 0\n\n", True)
+        assert forwarded.parts == [f"data: {i}\n\n".encode() for i in range(1, 4)]  # no empty closing part
+
+    asyncio.run(main())
+
+
+def test_with_forward_a_one_part_response_is_only_its_head():
+    async def main() -> None:
+        forwarded = Forwarded()
+        items = [item async for item in stream_asgi(make_app({}), "POST", "/echo", [], b"{}", forward=forwarded)]
+        assert len(items) == 1 and items[0][3] is False
+        assert forwarded.parts == []
+
+    asyncio.run(main())
+
+
+def test_with_forward_an_app_failing_or_returning_mid_body_fails_the_iterator():
+    async def failing(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b", "more_body": True})
+        raise ValueError("mid-stream failure")
+
+    async def returning(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b", "more_body": True})
+
+    async def main() -> None:
+        for app, error in ((failing, "mid-stream failure"), (returning, "before finishing its response")):
+            forwarded = Forwarded()
+            stream = stream_asgi(app, "GET", "/", [], b"", forward=forwarded)
+            assert await anext(stream) == (200, [], b"a", True)
+            with pytest.raises(RuntimeError, match=error):
+                await anext(stream)
+            assert forwarded.parts == [b"b"]
+
+    asyncio.run(main())
+
+
+def test_with_forward_a_failing_forward_disconnects_the_app_and_fails_the_iterator():
+    """The channel to the router closed: the app is told its client left (vLLM aborts the request)
+    and the call fails, so the router reports the stream as failed."""
+
+    async def main() -> None:
+        state: dict[str, Any] = {}
+        stream = stream_asgi(make_app(state), "GET", "/endless", [], b"", forward=Forwarded(fail_at=3))
+        assert (await anext(stream))[2] == b"tick0\n"
+        with pytest.raises(RuntimeError, match="the channel closed"):
+            await anext(stream)
+        # The app's generator was cancelled where it waited (vLLM's aborts its request there).
+        assert state.get("cancelled") is True and state.get("closed") is True
+
+    asyncio.run(main())
+
+
+def test_with_forward_closing_early_cancels_the_app():
+    async def main() -> None:
+        state: dict[str, Any] = {}
+        forwarded = Forwarded()
+        stream = stream_asgi(make_app(state), "GET", "/endless", [], b"", forward=forwarded)
+        await anext(stream)
+        pending = asyncio.ensure_future(anext(stream))  # waits for the app's end
+        await asyncio.sleep(0.05)
+        assert forwarded.parts  # meanwhile the ticks go to forward
+        pending.cancel()  # how Serve stops the call when the router cancels it
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await asyncio.sleep(0)
+        assert state.get("cancelled") is True
+
+    asyncio.run(main())
+
+
 def test_the_scope_carries_the_request():
     async def main() -> None:
         seen: dict[str, Any] = {}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import psutil
 import pytest
 import ray
 from ray import serve
@@ -339,6 +340,35 @@ def test_the_router_replica_never_loads_vllm(app):
     assert all(_loaded_vllm(pid) for pid in engines)  # what the check sees when vLLM is there
 
 
+def test_streamed_bodies_come_back_through_the_channel_of_each_engine_replica(app):
+    """Streams' bodies go engine -> router on one TCP connection per replica pair
+    (deployments.stream_channel), one write per engine step, not one Serve message per chunk:
+    every engine replica that served a stream holds a connection to a port its router listens on
+    (without the channel, engine replicas hold none: they are only called)."""
+    from tests.faults import drain, open_stream
+
+    served: dict[str, int] = {}
+    for _ in range(12):
+        client, response, lines = open_stream(app.base_url, AUTH, max_tokens=40)
+        tokens, error, done = drain(lines)
+        client.close()
+        assert error is None and done and tokens == 40
+        served[response.headers["x-engine-replica"]] = served.get(response.headers["x-engine-replica"], 0) + 1
+        if len(served) == 2:
+            break
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for pid in _replica_pids("Router")
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    for replica in served:
+        engine = replica_process(APP, replica)
+        to_router = [c for c in engine.net_connections("tcp")
+                     if c.status == psutil.CONN_ESTABLISHED and c.raddr and tuple(c.raddr) in listening]
+        assert len(to_router) == 1, (replica, to_router, listening)
+
+
 # Left out of this app's fuzzing: the routes of pooling models (embeddings, scoring,
 # classification), fuzzed on a pooling app instead; Anthropic's Messages routes, fuzzed on the tiny
 # app (tests/test_anthropic_tiny.py); and the /openai/v1 twins of the /v1 routes
@@ -414,8 +444,6 @@ def test_router_and_engine_metrics_are_exported(app, apps):
 # --- faults with two replicas, then graceful shutdown (the module's last tests) --------------------
 
 def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
-    import psutil
-
     from tests.faults import (
         drain,
         kill_replica_actor,

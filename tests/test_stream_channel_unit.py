@@ -1,0 +1,254 @@
+"""The body channel between engine and router replicas (deployments.stream_channel), over real
+loopback sockets. Serve's streamed call is played by `ScriptedCall`: a unit's stand-in; the real
+app's tests (test_openai_tiny, test_faults_tiny, test_guarded) are the proof end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from deployments.errors import error_body
+from deployments.stream_channel import (
+    BodyEnd,
+    ChannelBroken,
+    ChanneledStream,
+    ReplyChannels,
+    ReplyTo,
+    StreamInbox,
+)
+
+HEAD = (200, [("content-type", "text/event-stream")], b"data: first\n\n", True)
+
+
+class ScriptedCall:
+    """Serve's streamed handle call, played by the engine's side of the test: `remote(...)` records
+    the ReplyTo and returns a response whose items the test puts in `items` (an exception is raised)."""
+
+    def __init__(self) -> None:
+        self.reply_to: asyncio.Future[ReplyTo] | None = None
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.cancelled = False
+
+    def remote(self, method: str, path: str, headers: Any, body: bytes, reply_to: ReplyTo) -> ScriptedCall:
+        assert self.reply_to is not None
+        self.reply_to.set_result(reply_to)
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self.items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def relay(channels: ReplyChannels, parts: list[bytes], reply_to: ReplyTo) -> BodyEnd:
+    """What the engine replica does with a stream's parts after its head (stream_asgi's forward)."""
+    forward = channels.forwarder(reply_to)
+    for part in parts:
+        await forward(part)
+    return BodyEnd(forward.sent)
+
+
+async def open_stream(inbox: StreamInbox) -> tuple[ChanneledStream, ScriptedCall, asyncio.Task[Any], ReplyTo]:
+    """A ChanneledStream whose head is on its way: the test then plays the engine with the ReplyTo."""
+    call = ScriptedCall()
+    call.reply_to = asyncio.get_running_loop().create_future()
+    stream = ChanneledStream(inbox, call, "POST", "/v1/chat/completions", [], b"{}")
+    head = asyncio.ensure_future(stream.__anext__())
+    return stream, call, head, await call.reply_to
+
+
+async def rest_of(stream: ChanneledStream) -> list[bytes]:
+    return [part async for part in stream]
+
+
+def test_every_stream_gets_its_own_parts_in_order_and_is_closed_at_its_end():
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        streams = [await open_stream(inbox) for _ in range(3)]
+        assert inbox.open_streams == 3
+        # The engine side: each stream's parts, interleaved in the same turns of the loop.
+        relays = [
+            relay(channels, [f"{n}:{i}".encode() for i in range(50)], reply_to)
+            for n, (_, _, _, reply_to) in enumerate(streams)
+        ]
+        ends = await asyncio.gather(*relays)
+        assert ends == [BodyEnd(50)] * 3
+        for _, call, head, _ in streams:
+            call.items.put_nowait(HEAD)
+            assert await head == HEAD
+            call.items.put_nowait(ends[0])
+        bodies = await asyncio.gather(*(rest_of(stream) for stream, *_ in streams))
+        for n, body in enumerate(bodies):
+            assert body == [f"{n}:{i}".encode() for i in range(50)]
+        assert inbox.open_streams == 0
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_parts_of_one_loop_turn_leave_in_one_write():
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        streams = [await open_stream(inbox) for _ in range(16)]
+        sender = await channels.sender(streams[0][3])
+        writes = []
+        transport = sender._transport
+        original = transport.writelines
+        transport.writelines = lambda data: (writes.append(len(data)), original(data))
+        for _, _, _, reply_to in streams:  # one token of each of 16 streams, as one engine step gives
+            sender.send(reply_to.stream_id, b"data: token\n\n")
+        await asyncio.sleep(0)
+        assert writes == [32]  # 16 records, a header and a part each, in one write
+        for _, call, head, _ in streams:
+            call.items.put_nowait(HEAD)
+            await head
+            call.items.put_nowait(BodyEnd(1))
+        bodies = await asyncio.gather(*(rest_of(stream) for stream, *_ in streams))
+        assert bodies == [[b"data: token\n\n"]] * 16
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_the_end_can_arrive_before_the_parts_it_counts():
+    """The call and the channel are two connections: the call's BodyEnd may overtake the parts."""
+
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        stream, call, head, reply_to = await open_stream(inbox)
+        call.items.put_nowait(HEAD)
+        call.items.put_nowait(BodyEnd(3))
+        assert await head == HEAD
+        reading = asyncio.ensure_future(rest_of(stream))
+        await asyncio.sleep(0.05)
+        assert not reading.done()  # waits for the three parts
+        await relay(channels, [b"a", b"b", b"c"], reply_to)
+        assert await reading == [b"a", b"b", b"c"]
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_call_ends_the_stream_with_its_error_after_the_parts_that_came():
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        stream, call, head, reply_to = await open_stream(inbox)
+        call.items.put_nowait(HEAD)
+        await head
+        await relay(channels, [b"a", b"b"], reply_to)
+        await asyncio.sleep(0.05)  # the parts are in
+        call.items.put_nowait(RuntimeError("the replica died"))
+        received = []
+        with pytest.raises(RuntimeError, match="the replica died"):
+            async for part in stream:
+                received.append(part)
+        assert received == [b"a", b"b"]
+        assert inbox.open_streams == 0
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_channel_fails_the_streams_it_carried_as_unavailable():
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        stream, call, head, reply_to = await open_stream(inbox)
+        call.items.put_nowait(HEAD)
+        await head
+        await relay(channels, [b"a"], reply_to)
+        await asyncio.sleep(0.05)
+        (await channels.sender(reply_to)).close()  # the engine replica's process went away
+        assert await stream.__anext__() == b"a"
+        with pytest.raises(ChannelBroken) as failure:
+            await stream.__anext__()
+        assert error_body(failure.value)[0] == 503
+        # The engine side reconnects for the next stream.
+        await asyncio.sleep(0.05)
+        second, call2, head2, reply_to2 = await open_stream(inbox)
+        call2.items.put_nowait(HEAD)
+        await head2
+        assert await relay(channels, [b"x"], reply_to2) == BodyEnd(1)
+        call2.items.put_nowait(BodyEnd(1))
+        assert await rest_of(second) == [b"x"]
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_wrong_token_gets_the_connection_closed_and_nothing_delivered():
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        stream, call, head, reply_to = await open_stream(inbox)
+        forged = ReplyTo(reply_to.host, reply_to.port, b"x" * len(reply_to.token), reply_to.stream_id)
+        forged_sender = await channels.sender(forged)
+        await relay(channels, [b"forged"], forged)
+        await asyncio.sleep(0.05)
+        assert isinstance(forged_sender.error, ChannelBroken)  # the router closed it
+        call.items.put_nowait(HEAD)
+        await head
+        call.items.put_nowait(BodyEnd(0))
+        assert await rest_of(stream) == []
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_stream_cancels_its_call_and_drops_its_late_parts():
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        stream, call, head, reply_to = await open_stream(inbox)
+        call.items.put_nowait(HEAD)
+        await head
+        stream.cancel()  # the client left
+        assert call.cancelled
+        assert inbox.open_streams == 0
+        assert not inbox.deliver(reply_to.stream_id, b"late")
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_head_without_more_parts_closes_the_stream():
+    async def scenario() -> None:
+        inbox = StreamInbox("127.0.0.1")
+        stream, call, head, _ = await open_stream(inbox)
+        call.items.put_nowait((200, [], b'{"object": "list"}', False))
+        assert (await head)[2] == b'{"object": "list"}'
+        assert inbox.open_streams == 0
+        assert await rest_of(stream) == []
+        inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_socket_holds_the_streams_until_it_drains():
+    """While the router doesn't read, the engine's streams wait before taking their next part (so
+    vLLM merges the tokens meanwhile) instead of buffering without bound."""
+
+    async def scenario() -> None:
+        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        _, _, _, reply_to = await open_stream(inbox)
+        sender = await channels.sender(reply_to)
+        sender.pause_writing()  # what asyncio calls once the socket's buffer is over its mark
+        relaying = asyncio.ensure_future(relay(channels, [b"a", b"b"], reply_to))
+        await asyncio.sleep(0.05)
+        assert not relaying.done()
+        sender.resume_writing()
+        assert await relaying == BodyEnd(2)
+        channels.close()
+        inbox.shutdown()
+
+    asyncio.run(scenario())
