@@ -100,7 +100,8 @@ class StreamInbox:
     async def _started(self) -> asyncio.Server:
         if self._server is not None:
             return self._server
-        if self._starting is None or (self._starting.done() and self._starting.exception() is not None):
+        starting = self._starting
+        if starting is None or (starting.done() and (starting.cancelled() or starting.exception() is not None)):
             loop = asyncio.get_running_loop()
             self._starting = asyncio.ensure_future(
                 loop.create_server(lambda: _InboxConnection(self), self._host, 0)
@@ -297,9 +298,13 @@ class _Sender(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
+    def _broken(self) -> ChannelBroken:
+        # A new exception per stream: one instance raised in many tasks would gather their tracebacks.
+        return ChannelBroken(str(self.error))
+
     def send(self, stream_id: int, part: bytes) -> None:
         if self.error is not None:
-            raise self.error
+            raise self._broken()
         self._pending.append(RECORD_HEADER.pack(stream_id, len(part)))
         self._pending.append(part)
         if not self._flush_scheduled:
@@ -317,7 +322,7 @@ class _Sender(asyncio.Protocol):
         if not self._writable.is_set():
             await self._writable.wait()
         if self.error is not None:
-            raise self.error
+            raise self._broken()
 
     def pause_writing(self) -> None:
         self._writable.clear()
