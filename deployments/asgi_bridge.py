@@ -120,9 +120,10 @@ async def stream_asgi(
             if not body_finished:
                 _body_of(end)
                 raise RuntimeError(f"the engine's server sent {end!r} after the head")  # not ASGI
-        while more and not forwarding:
-            part, more = await _next_body(messages, taken)
-            yield part
+        else:
+            while more:
+                part, more = await _next_body(messages, taken)
+                yield part
     finally:
         disconnected.set()
         if not task.done():

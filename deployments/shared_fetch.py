@@ -20,6 +20,11 @@ class SharedFetch(Generic[T]):
         self._fetched = False
         self._value: T | None = None
 
+    @property
+    def value(self) -> T | None:
+        """The value once fetched, else None (for clean-up, which must not start a fetch)."""
+        return self._value
+
     async def get(self) -> T:
         if self._fetched:
             return self._value  # type: ignore[return-value]

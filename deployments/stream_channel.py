@@ -26,10 +26,12 @@ import secrets
 import struct
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from deployments.asgi_bridge import ResponseHead
 from deployments.errors import EngineUnavailable
+from deployments.shared_fetch import SharedFetch
 
 RECORD_HEADER = struct.Struct("!QI")
 TOKEN_BYTES = 16
@@ -63,11 +65,13 @@ class ChannelBroken(EngineUnavailable):
 class _StreamQueue:
     """The parts of one stream, in order, and then its end (a BodyEnd or an exception)."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "waiter", "carrier")
 
     def __init__(self) -> None:
         self.items: deque[Any] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        # The connection its parts came on: the stream can't end well once that one closes.
+        self.carrier: _InboxConnection | None = None
 
     def put(self, item: Any) -> None:
         self.items.append(item)
@@ -94,23 +98,13 @@ class StreamInbox:
         self._token = secrets.token_bytes(TOKEN_BYTES)
         self._streams: dict[int, _StreamQueue] = {}
         self._next_id = 0
-        self._server: asyncio.Server | None = None
-        self._starting: asyncio.Future[asyncio.Server] | None = None
+        self._server = SharedFetch(self._start_server)
 
-    async def _started(self) -> asyncio.Server:
-        if self._server is not None:
-            return self._server
-        starting = self._starting
-        if starting is None or (starting.done() and (starting.cancelled() or starting.exception() is not None)):
-            loop = asyncio.get_running_loop()
-            self._starting = asyncio.ensure_future(
-                loop.create_server(lambda: _InboxConnection(self), self._host, 0)
-            )
-        self._server = await asyncio.shield(self._starting)
-        return self._server
+    async def _start_server(self) -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(lambda: _InboxConnection(self), self._host, 0)
 
     async def open(self) -> tuple[ReplyTo, _StreamQueue]:
-        server = await self._started()
+        server = await self._server.get()
         self._next_id += 1
         queue = self._streams[self._next_id] = _StreamQueue()
         port = server.sockets[0].getsockname()[1]
@@ -122,17 +116,18 @@ class StreamInbox:
     def accepts(self, token: bytes) -> bool:
         return hmac.compare_digest(token, self._token)
 
-    def deliver(self, stream_id: int, part: bytes) -> bool:
+    def deliver(self, stream_id: int, part: bytes, carrier: _InboxConnection | None) -> bool:
         queue = self._streams.get(stream_id)
         if queue is None:  # the stream was closed (client left): its late parts are dropped
             return False
+        queue.carrier = carrier
         queue.put(part)
         return True
 
-    def break_streams(self, stream_ids: set[int]) -> None:
-        for stream_id in stream_ids:
-            queue = self._streams.get(stream_id)
-            if queue is not None:
+    def break_streams(self, carrier: _InboxConnection) -> None:
+        """The open streams whose parts came on `carrier`, which closed."""
+        for queue in self._streams.values():
+            if queue.carrier is carrier:
                 queue.put(ChannelBroken("The connection carrying the engine's stream closed; retry the request."))
 
     @property
@@ -140,8 +135,8 @@ class StreamInbox:
         return len(self._streams)
 
     def shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._server.value is not None:
+            self._server.value.close()
 
 
 class _InboxConnection(asyncio.Protocol):
@@ -152,8 +147,6 @@ class _InboxConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._authenticated = False
         self._transport: asyncio.Transport | None = None
-        # Streams this connection carried parts of: they can't end well once it closes.
-        self._carried: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -178,15 +171,13 @@ class _InboxConnection(asyncio.Protocol):
             end = position + header + length
             if end > size:
                 break
-            if self._inbox.deliver(stream_id, bytes(buffer[position + header:end])):
-                self._carried.add(stream_id)
+            self._inbox.deliver(stream_id, bytes(buffer[position + header:end]), self)
             position = end
         if position:
             del buffer[:position]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._inbox.break_streams(self._carried)
-        self._carried.clear()
+        self._inbox.break_streams(self)
 
 
 class ChanneledStream:
@@ -345,22 +336,14 @@ class ReplyChannels:
     closes (a router replica that restarted has a new address and token)."""
 
     def __init__(self) -> None:
-        self._senders: dict[tuple[str, int, bytes], asyncio.Future[_Sender]] = {}
+        self._senders: dict[tuple[str, int, bytes], SharedFetch[_Sender]] = {}
 
     async def sender(self, reply_to: ReplyTo) -> _Sender:
         key = (reply_to.host, reply_to.port, reply_to.token)
-        pending = self._senders.get(key)
-        if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
-            sender = pending.result()
-            if sender.error is None:
-                return sender
-        if pending is not None and pending.done() and (
-            pending.cancelled() or pending.exception() is not None or pending.result().error is not None
-        ):
-            pending = None
-        if pending is None:
-            pending = self._senders[key] = asyncio.ensure_future(self._connect(reply_to))
-        return await asyncio.shield(pending)
+        connection = self._senders.get(key)
+        if connection is None or (connection.value is not None and connection.value.error is not None):
+            connection = self._senders[key] = SharedFetch(partial(self._connect, reply_to))
+        return await connection.get()
 
     @staticmethod
     async def _connect(reply_to: ReplyTo) -> _Sender:
@@ -377,9 +360,9 @@ class ReplyChannels:
         return StreamForwarder(self, reply_to)
 
     def close(self) -> None:
-        for pending in self._senders.values():
-            if pending.done() and not pending.cancelled() and pending.exception() is None:
-                pending.result().close()
+        for connection in self._senders.values():
+            if connection.value is not None:
+                connection.value.close()
         self._senders.clear()
 
 

@@ -5,6 +5,7 @@ app's tests (test_openai_tiny, test_faults_tiny, test_guarded) are the proof end
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -67,9 +68,23 @@ async def rest_of(stream: ChanneledStream) -> list[bytes]:
     return [part async for part in stream]
 
 
-def test_every_stream_gets_its_own_parts_in_order_and_is_closed_at_its_end():
-    async def scenario() -> None:
+def with_channel(scenario: Callable[[StreamInbox, ReplyChannels], Awaitable[None]]) -> None:
+    """Runs a scenario between a router's inbox and an engine replica's channels, both closed after
+    it whatever happens."""
+
+    async def main() -> None:
         inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+        try:
+            await scenario(inbox, channels)
+        finally:
+            channels.close()
+            inbox.shutdown()
+
+    asyncio.run(main())
+
+
+def test_every_stream_gets_its_own_parts_in_order_and_is_closed_at_its_end():
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         streams = [await open_stream(inbox) for _ in range(3)]
         assert inbox.open_streams == 3
         # The engine side: each stream's parts, interleaved in the same turns of the loop.
@@ -87,15 +102,12 @@ def test_every_stream_gets_its_own_parts_in_order_and_is_closed_at_its_end():
         for n, body in enumerate(bodies):
             assert body == [f"{n}:{i}".encode() for i in range(50)]
         assert inbox.open_streams == 0
-        channels.close()
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_parts_of_one_loop_turn_leave_in_one_write():
-    async def scenario() -> None:
-        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         streams = [await open_stream(inbox) for _ in range(16)]
         sender = await channels.sender(streams[0][3])
         writes = []
@@ -112,17 +124,14 @@ def test_parts_of_one_loop_turn_leave_in_one_write():
             call.items.put_nowait(BodyEnd(1))
         bodies = await asyncio.gather(*(rest_of(stream) for stream, *_ in streams))
         assert bodies == [[b"data: token\n\n"]] * 16
-        channels.close()
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_the_end_can_arrive_before_the_parts_it_counts():
     """The call and the channel are two connections: the call's BodyEnd may overtake the parts."""
 
-    async def scenario() -> None:
-        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, head, reply_to = await open_stream(inbox)
         call.items.put_nowait(HEAD)
         call.items.put_nowait(BodyEnd(3))
@@ -132,15 +141,12 @@ def test_the_end_can_arrive_before_the_parts_it_counts():
         assert not reading.done()  # waits for the three parts
         await relay(channels, [b"a", b"b", b"c"], reply_to)
         assert await reading == [b"a", b"b", b"c"]
-        channels.close()
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_a_failed_call_ends_the_stream_with_its_error_after_the_parts_that_came():
-    async def scenario() -> None:
-        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, head, reply_to = await open_stream(inbox)
         call.items.put_nowait(HEAD)
         await head
@@ -153,15 +159,12 @@ def test_a_failed_call_ends_the_stream_with_its_error_after_the_parts_that_came(
                 received.append(part)
         assert received == [b"a", b"b"]
         assert inbox.open_streams == 0
-        channels.close()
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_a_closed_channel_fails_the_streams_it_carried_as_unavailable():
-    async def scenario() -> None:
-        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, head, reply_to = await open_stream(inbox)
         call.items.put_nowait(HEAD)
         await head
@@ -180,15 +183,12 @@ def test_a_closed_channel_fails_the_streams_it_carried_as_unavailable():
         assert await relay(channels, [b"x"], reply_to2) == BodyEnd(1)
         call2.items.put_nowait(BodyEnd(1))
         assert await rest_of(second) == [b"x"]
-        channels.close()
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_a_wrong_token_gets_the_connection_closed_and_nothing_delivered():
-    async def scenario() -> None:
-        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, head, reply_to = await open_stream(inbox)
         forged = ReplyTo(reply_to.host, reply_to.port, b"x" * len(reply_to.token), reply_to.stream_id)
         forged_sender = await channels.sender(forged)
@@ -199,47 +199,39 @@ def test_a_wrong_token_gets_the_connection_closed_and_nothing_delivered():
         await head
         call.items.put_nowait(BodyEnd(0))
         assert await rest_of(stream) == []
-        channels.close()
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_a_cancelled_stream_cancels_its_call_and_drops_its_late_parts():
-    async def scenario() -> None:
-        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, head, reply_to = await open_stream(inbox)
         call.items.put_nowait(HEAD)
         await head
         stream.cancel()  # the client left
         assert call.cancelled
         assert inbox.open_streams == 0
-        assert not inbox.deliver(reply_to.stream_id, b"late")
-        channels.close()
-        inbox.shutdown()
+        assert not inbox.deliver(reply_to.stream_id, b"late", carrier=None)
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_a_head_without_more_parts_closes_the_stream():
-    async def scenario() -> None:
-        inbox = StreamInbox("127.0.0.1")
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, head, _ = await open_stream(inbox)
         call.items.put_nowait((200, [], b'{"object": "list"}', False))
         assert (await head)[2] == b'{"object": "list"}'
         assert inbox.open_streams == 0
         assert await rest_of(stream) == []
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
 
 
 def test_a_full_socket_holds_the_streams_until_it_drains():
     """While the router doesn't read, the engine's streams wait before taking their next part (so
     vLLM merges the tokens meanwhile) instead of buffering without bound."""
 
-    async def scenario() -> None:
-        inbox, channels = StreamInbox("127.0.0.1"), ReplyChannels()
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         _, _, _, reply_to = await open_stream(inbox)
         sender = await channels.sender(reply_to)
         sender.pause_writing()  # what asyncio calls once the socket's buffer is over its mark
@@ -248,7 +240,5 @@ def test_a_full_socket_holds_the_streams_until_it_drains():
         assert not relaying.done()
         sender.resume_writing()
         assert await relaying == BodyEnd(2)
-        channels.close()
-        inbox.shutdown()
 
-    asyncio.run(scenario())
+    with_channel(scenario)
