@@ -64,6 +64,14 @@ async def open_stream(inbox: StreamInbox) -> tuple[ChanneledStream, ScriptedCall
     return stream, call, head, await call.reply_to
 
 
+async def open_answered_stream(inbox: StreamInbox) -> tuple[ChanneledStream, ScriptedCall, ReplyTo]:
+    """A ChanneledStream whose head has arrived: the engine's body parts come next."""
+    stream, call, head, reply_to = await open_stream(inbox)
+    call.items.put_nowait(HEAD)
+    assert await head == HEAD
+    return stream, call, reply_to
+
+
 async def rest_of(stream: ChanneledStream) -> list[bytes]:
     return [part async for part in stream]
 
@@ -147,9 +155,7 @@ def test_the_end_can_arrive_before_the_parts_it_counts():
 
 def test_a_failed_call_ends_the_stream_with_its_error_after_the_parts_that_came():
     async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
-        stream, call, head, reply_to = await open_stream(inbox)
-        call.items.put_nowait(HEAD)
-        await head
+        stream, call, reply_to = await open_answered_stream(inbox)
         await relay(channels, [b"a", b"b"], reply_to)
         await asyncio.sleep(0.05)  # the parts are in
         call.items.put_nowait(RuntimeError("the replica died"))
@@ -165,9 +171,7 @@ def test_a_failed_call_ends_the_stream_with_its_error_after_the_parts_that_came(
 
 def test_a_closed_channel_fails_the_streams_it_carried_as_unavailable():
     async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
-        stream, call, head, reply_to = await open_stream(inbox)
-        call.items.put_nowait(HEAD)
-        await head
+        stream, _, reply_to = await open_answered_stream(inbox)
         await relay(channels, [b"a"], reply_to)
         await asyncio.sleep(0.05)
         (await channels.sender(reply_to)).close()  # the engine replica's process went away
@@ -177,9 +181,7 @@ def test_a_closed_channel_fails_the_streams_it_carried_as_unavailable():
         assert error_body(failure.value)[0] == 503
         # The engine side reconnects for the next stream.
         await asyncio.sleep(0.05)
-        second, call2, head2, reply_to2 = await open_stream(inbox)
-        call2.items.put_nowait(HEAD)
-        await head2
+        second, call2, reply_to2 = await open_answered_stream(inbox)
         assert await relay(channels, [b"x"], reply_to2) == BodyEnd(1)
         call2.items.put_nowait(BodyEnd(1))
         assert await rest_of(second) == [b"x"]
@@ -205,9 +207,7 @@ def test_a_wrong_token_gets_the_connection_closed_and_nothing_delivered():
 
 def test_a_cancelled_stream_cancels_its_call_and_drops_its_late_parts():
     async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
-        stream, call, head, reply_to = await open_stream(inbox)
-        call.items.put_nowait(HEAD)
-        await head
+        stream, call, reply_to = await open_answered_stream(inbox)
         stream.cancel()  # the client left
         assert call.cancelled
         assert inbox.open_streams == 0
