@@ -113,7 +113,9 @@ def type_text(info: FieldInfo) -> str:
     if isinstance(kind, type) and issubclass(kind, Enum):
         return "one of " + ", ".join(str(m.value) for m in kind)
     names = {int: "integer", float: "number", bool: "boolean", str: "string", SecretStr: "secret", Path: "path"}
-    text = names.get(kind, getattr(kind, "__name__", str(kind)))
+    # JSON-valued variables: a dict (ROPE_SCALING) or a list of records (LORA_MODULES).
+    json_kinds = {dict: "JSON object", tuple: "JSON list", list: "JSON list"}
+    text = names.get(kind) or json_kinds.get(typing.get_origin(kind)) or getattr(kind, "__name__", str(kind))
     bounds = []
     for meta in info.metadata:
         for cls, op, attr in ((Gt, ">", "gt"), (Ge, ">=", "ge"), (Lt, "<", "lt"), (Le, "<=", "le")):

@@ -258,6 +258,42 @@ def _engine_overrides(
     return tokens, errors
 
 
+# worker-vllm's variables that become one of vLLM's flags (configs.engine_args.worker_vllm_model_args),
+# and the vLLM option a forwarded variable would set for the same flag: both at once is ambiguous.
+WORKER_VLLM_FLAGS: dict[str, tuple[str, ...]] = {
+    "--revision": ("MODEL_REVISION",),
+    "--tokenizer": ("TOKENIZER_NAME",),
+    "--tokenizer-revision": ("TOKENIZER_REVISION",),
+    "--response-role": ("OPENAI_RESPONSE_ROLE",),
+    "--hf-overrides": ("ROPE_SCALING", "ROPE_THETA"),
+    "--speculative-config": ("SPECULATIVE_MODEL", "NUM_SPECULATIVE_TOKENS"),
+    "--lora-modules": ("LORA_MODULES",),
+}
+
+# Where RunPod mounts a network volume: the model cache goes there when it exists (worker-vllm's
+# BASE_PATH default).
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+
+def default_base_path(raw: Mapping[str, Any], volume: Path = RUNPOD_VOLUME) -> Path | None:
+    """BASE_PATH as set, else RunPod's network volume when one is mounted."""
+    if raw.get("BASE_PATH"):
+        return None  # set: nothing to default
+    return volume if volume.is_dir() else None
+
+
+def conflicting_flags(raw: Mapping[str, Any], tokens: Iterable[str]) -> list[str]:
+    """A worker-vllm variable and a forwarded vLLM option naming the same flag."""
+    errors = []
+    flags = {token for token in tokens if token.startswith("--")}
+    for flag, names in WORKER_VLLM_FLAGS.items():
+        given = [name for name in names if raw.get(name) is not None]
+        if given and flag in flags:
+            option = flag.removeprefix("--").replace("-", "_").upper()
+            errors.append(f"{' and '.join(given)} and {option} both set vLLM's {flag}: set one of them")
+    return errors
+
+
 def _format_validation_error(exc: ValidationError, raw: Mapping[str, Any]) -> list[str]:
     messages = []
     for err in exc.errors():
@@ -294,6 +330,8 @@ def load_settings(
         return values
 
     raw = {**known(env), **known(args_upper)}
+    if (volume := default_base_path(raw)) is not None:
+        raw["BASE_PATH"] = str(volume)
     errors: list[str] = []
     tokens: list[str] = []
     if forward_engine_args:
@@ -303,6 +341,7 @@ def load_settings(
         # name a vLLM option.
         options = vllm_options() if other_args or may_name_vllm_options(other_env) else {}
         tokens, errors = _engine_overrides(other_env, other_args, options)
+    errors += conflicting_flags(raw, tokens)
     try:
         settings = Settings(**raw, engine_cli_overrides=tuple(tokens))
     except ValidationError as exc:

@@ -36,7 +36,7 @@ def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> d
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
         "placement_group_bundles": placement_bundles(
-            settings.TENSOR_PARALLEL_SIZE, settings.PIPELINE_PARALLEL_SIZE, accelerator
+            settings.tensor_parallel_size, settings.PIPELINE_PARALLEL_SIZE, accelerator
         ),
         "placement_group_strategy": settings.PLACEMENT_STRATEGY.value,
         "max_ongoing_requests": engine_max_ongoing_requests(settings),
@@ -79,7 +79,7 @@ def per_router_limit(total: int, router_replicas: int) -> int:
 def logical_cpus_needed(settings: Settings, accelerator: Accelerator) -> int:
     """Logical CPUs the app asks of Ray (bundles are bookkeeping, the cores stay what they are)."""
     per_engine = sum(b.get("CPU", 0) for b in placement_bundles(
-        settings.TENSOR_PARALLEL_SIZE, settings.PIPELINE_PARALLEL_SIZE, accelerator))
+        settings.tensor_parallel_size, settings.PIPELINE_PARALLEL_SIZE, accelerator))
     replicas = settings.MAX_REPLICAS if settings.autoscaling else settings.NUM_REPLICAS
     return int(per_engine * (replicas or 1))
 

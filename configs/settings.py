@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 
 class Accelerator(str, Enum):
@@ -46,6 +46,28 @@ def _field(default: Any, description: str, group: str, **kwargs: Any) -> Any:
     return Field(default, description=description, json_schema_extra={"group": group}, **kwargs)
 
 
+class LoraModule(BaseModel):
+    """One entry of worker-vllm's LORA_MODULES list (vLLM's `--lora-modules` JSON form)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    base_model_name: str | None = None
+
+
+# vLLM 0.32's quantization methods (`vllm.model_executor.layers.quantization.QUANTIZATION_METHODS`;
+# tests/test_configs.py checks the list against the installed vLLM). Kept here so that settings
+# are checked without importing vLLM.
+QUANTIZATION_METHODS: tuple[str, ...] = (
+    "awq", "auto_awq", "fp8", "fbgemm_fp8", "fp_quant", "modelopt", "modelopt_fp4", "modelopt_mxfp8",
+    "modelopt_mixed", "auto_gptq", "gptq", "gptq_marlin", "awq_marlin", "humming", "compressed-tensors",
+    "experts_int8", "quark", "moe_wna16", "torchao", "inc", "mxfp4", "gpt_oss_mxfp4", "deepseek_v4_fp8",
+    "online", "fp8_per_tensor", "fp8_per_block", "fp8_per_channel", "int8_per_channel_weight_only",
+    "nvfp4_per_token", "mxfp8",
+)
+
+
 class Settings(BaseModel):
     """Every setting of the app. Field names are the environment variable names."""
 
@@ -63,14 +85,46 @@ class Settings(BaseModel):
     )
     MAX_MODEL_LEN: int | None = _field(None, "Model's maximum context length (tokens).", ENGINE, gt=0)
     QUANTIZATION: str | None = _field(
-        None, "Quantization method (awq, gptq, bitsandbytes, fp8, ...), as vLLM's `--quantization`.", ENGINE
+        None, "Quantization method, one of vLLM 0.32's (awq, gptq, fp8, compressed-tensors, ...): "
+        "`--quantization`. The seed's squeezellm and bitsandbytes are not in vLLM 0.32: start-up stops.",
+        ENGINE,
     )
-    TENSOR_PARALLEL_SIZE: int = _field(1, "Devices per pipeline stage (one placement bundle each).", ENGINE, ge=1)
+    TENSOR_PARALLEL_SIZE: int | None = _field(
+        None, "Devices per pipeline stage (one placement bundle each). Unset: the GPUs of one node "
+        "(as worker-vllm takes every GPU the worker sees); 1 on CPU.", ENGINE, ge=1,
+    )
     PIPELINE_PARALLEL_SIZE: int = _field(1, "Pipeline stages (multiplies the bundles).", ENGINE, ge=1)
     GPU_MEMORY_UTILIZATION: float = _field(
         0.95, "Fraction of GPU memory vLLM may use (GPU only).", ENGINE, gt=0, le=1
     )
     MAX_NUM_SEQS: int = _field(256, "Maximum number of sequences per engine iteration.", ENGINE, ge=1)
+    MODEL_REVISION: str | None = _field(None, "Model revision (branch, tag or commit) to load: `--revision`.", ENGINE)
+    TOKENIZER_NAME: str | None = _field(
+        None, "Tokenizer repo id or folder, when not the model's own: `--tokenizer`.", ENGINE
+    )
+    TOKENIZER_REVISION: str | None = _field(None, "Tokenizer revision: `--tokenizer-revision`.", ENGINE)
+    ROPE_SCALING: dict[str, Any] | None = _field(
+        None, "RoPE scaling as a JSON object (e.g. `{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+        "\"original_max_position_embeddings\": 32768}`): goes into vLLM's `--hf-overrides`.", ENGINE,
+    )
+    ROPE_THETA: float | None = _field(None, "RoPE base frequency: goes into vLLM's `--hf-overrides`.", ENGINE, gt=0)
+    SPECULATIVE_MODEL: str | None = _field(
+        None, "Draft model for speculative decoding (needs NUM_SPECULATIVE_TOKENS): vLLM's `--speculative-config`.",
+        ENGINE,
+    )
+    NUM_SPECULATIVE_TOKENS: int | None = _field(
+        None, "Tokens the draft model proposes per step (with SPECULATIVE_MODEL; other methods: "
+        "SPECULATIVE_CONFIG).", ENGINE, ge=1,
+    )
+    LORA_MODULES: tuple[LoraModule, ...] | None = _field(
+        None, "LoRA adapters to serve by name, worker-vllm's JSON list: `[{\"name\": \"sql\", \"path\": "
+        "\"org/sql-lora\"}]` (`base_model_name` optional). Turns on `--enable-lora`.", ENGINE,
+    )
+    BASE_PATH: Path | None = _field(
+        None, "Model cache root, a network volume: Hugging Face downloads go to "
+        "`BASE_PATH/huggingface-cache/hub` (RunPod's cached models are read from there too). Unset: "
+        "`/runpod-volume` when it exists, else the Hugging Face default.", ENGINE,
+    )
     CUSTOM_CHAT_TEMPLATE: str | None = _field(None, "Jinja2 chat template that replaces the model's.", SERVING)
     ENABLE_AUTO_TOOL_CHOICE: bool = _field(False, "Let the model choose tools (needs TOOL_CALL_PARSER).", SERVING)
     TOOL_CALL_PARSER: str | None = _field(
@@ -78,6 +132,13 @@ class Settings(BaseModel):
     )
     OPENAI_SERVED_MODEL_NAME_OVERRIDE: str | None = _field(
         None, "Model name the API serves (default: MODEL_NAME).", SERVING
+    )
+    OPENAI_RESPONSE_ROLE: str = _field(
+        "assistant", "Role of the reply message in chat answers: `--response-role`.", SERVING, min_length=1
+    )
+    RAW_OPENAI_OUTPUT: bool = _field(
+        True, "RunPod `openai_route` streams: true yields batches of raw SSE text (`data: {...}\\n\\n`), "
+        "false yields lists of parsed chunk objects.", STREAMING,
     )
     MAX_CONCURRENCY: int = _field(
         300,
@@ -149,8 +210,35 @@ class Settings(BaseModel):
     # checked against vLLM's own parser by `configs.loader` (e.g. ["--enable-prefix-caching"]).
     engine_cli_overrides: tuple[str, ...] = Field(default=(), exclude=True)
 
+    @field_validator("ROPE_SCALING", "LORA_MODULES", mode="before")
+    @classmethod
+    def _json_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """Environment variables carry JSON as text; the Serve config's args may give it parsed."""
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"expected JSON ({exc})") from None
+        if info.field_name == "LORA_MODULES" and isinstance(value, dict):
+            value = [value]  # worker-vllm takes one adapter's object alone too
+        return value
+
+    @field_validator("QUANTIZATION")
+    @classmethod
+    def _known_quantization(cls, value: str | None) -> str | None:
+        if value is not None and value not in QUANTIZATION_METHODS:
+            # The seed's squeezellm and bitsandbytes are gone from vLLM 0.32: say so, not just "no".
+            methods = ", ".join(QUANTIZATION_METHODS)
+            raise ValueError(f"not a quantization method of vLLM 0.32; expected one of: {methods}")
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        if bool(self.SPECULATIVE_MODEL) != (self.NUM_SPECULATIVE_TOKENS is not None):
+            raise ValueError("SPECULATIVE_MODEL and NUM_SPECULATIVE_TOKENS go together (other speculative "
+                             "methods: SPECULATIVE_CONFIG as JSON)")
         if self.ENABLE_AUTO_TOOL_CHOICE and not self.TOOL_CALL_PARSER:
             raise ValueError("ENABLE_AUTO_TOOL_CHOICE=true needs TOOL_CALL_PARSER")
         if (self.MIN_REPLICAS is None) != (self.MAX_REPLICAS is None):
@@ -171,8 +259,14 @@ class Settings(BaseModel):
         return self.OPENAI_SERVED_MODEL_NAME_OVERRIDE or self.MODEL_NAME or DEMO_MODEL_SERVED_NAME
 
     @property
+    def tensor_parallel_size(self) -> int:
+        """TENSOR_PARALLEL_SIZE, or 1 before the app builder resolves an unset one
+        (configs.platform.default_tensor_parallel_size)."""
+        return self.TENSOR_PARALLEL_SIZE or 1
+
+    @property
     def devices_per_engine(self) -> int:
-        return self.TENSOR_PARALLEL_SIZE * self.PIPELINE_PARALLEL_SIZE
+        return self.tensor_parallel_size * self.PIPELINE_PARALLEL_SIZE
 
     @property
     def api_keys(self) -> tuple[str, ...]:

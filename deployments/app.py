@@ -10,8 +10,8 @@ from ray.serve import Application
 
 from configs.loader import load_settings
 from configs.placement import engine_deployment_options, router_deployment_options
-from configs.platform import resolve_accelerator
-from configs.settings import Settings
+from configs.platform import default_tensor_parallel_size, gpus_per_node, resolve_accelerator
+from configs.settings import Accelerator, Settings
 from deployments.engine import engine_deployment
 from deployments.router import router_deployment
 
@@ -21,6 +21,9 @@ ROUTE_PREFIX = "/"
 
 def build_app_from_settings(settings: Settings) -> Application:
     accelerator = resolve_accelerator(settings.ACCELERATOR)
+    if settings.TENSOR_PARALLEL_SIZE is None:
+        tp = default_tensor_parallel_size(accelerator, gpus_per_node() if accelerator is Accelerator.GPU else [])
+        settings = settings.model_copy(update={"TENSOR_PARALLEL_SIZE": tp})
     engine = engine_deployment(engine_deployment_options(settings, accelerator)).bind(settings, accelerator)
     return router_deployment(router_deployment_options(settings)).bind(engine, settings)
 

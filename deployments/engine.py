@@ -15,7 +15,7 @@ from typing import Any
 
 from ray import serve
 
-from configs.engine_args import cpu_thread_binding, vllm_cli_args
+from configs.engine_args import engine_process_environment, vllm_cli_args
 from configs.settings import Accelerator, Settings
 from deployments import engine_core_process, process_title
 from deployments.asgi_bridge import ResponseHead, stream_asgi
@@ -54,17 +54,12 @@ def without_http_only_middleware(app: Any) -> list[str]:
 
 
 def prepare_process_environment(settings: Settings, accelerator: Accelerator) -> None:
-    """Environment vLLM reads in this replica (set here, from the settings the replica was given)."""
-    if settings.uses_demo_model:
-        # Offline mode applies to the embedded demo model only: users' models are downloaded.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    if settings.HF_TOKEN is not None:
-        os.environ["HF_TOKEN"] = settings.HF_TOKEN.get_secret_value()
-    if accelerator is Accelerator.CPU and settings.devices_per_engine > 1:
-        os.environ.setdefault(
-            "VLLM_CPU_OMP_THREADS_BIND",
-            cpu_thread_binding(sorted(os.sched_getaffinity(0)), settings.devices_per_engine),
-        )
+    """Environment vLLM reads in this replica, set before anything imports huggingface_hub or vLLM
+    (they read it once). A thread binding the operator set stays theirs."""
+    env = engine_process_environment(settings, accelerator, sorted(os.sched_getaffinity(0)))
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    os.environ.update(env)
 
 
 class EngineServer:

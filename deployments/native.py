@@ -2,8 +2,11 @@
 vLLM's own serving layer, and that request's event stream -> worker-vllm's output batches.
 
 Input (the job's `input`): `prompt` | `messages`, `apply_chat_template`, `sampling_params`, `stream`,
-`max_batch_size`, `min_batch_size`, `batch_size_growth_factor`; or `openai_route` + `openai_input`.
-Output: `{"choices": [{"tokens": [text, ...]}], "usage": {"input": N, "output": M}}` per batch.
+`max_batch_size`, `min_batch_size`, `batch_size_growth_factor`; or `openai_route` + `openai_input`;
+or today's worker-vllm's `route` + `body` (+ `method`). Other top-level keys are ignored with a
+warning, as worker-vllm ignores them.
+Output: `{"choices": [{"tokens": [text, ...]}], "usage": {"input": N, "output": M}}` per batch; an
+OpenAI-shaped job streams its SSE events in batches of the same sizes (raw text, or parsed chunks).
 """
 
 from __future__ import annotations
@@ -15,19 +18,35 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from configs.settings import Settings
 from deployments.errors import ClientError
 from deployments.routes import JOB_ROUTES, engine_route
 
-# worker-vllm sent 100 when max_tokens was absent (vLLM's own default of 16 bit its users).
-DEFAULT_MAX_TOKENS = 100
+# The seed's documented sampling defaults (RunPod's vLLM guide, "Sampling Parameters"): a job that
+# doesn't set one gets these, never the model's generation config (which vLLM's OpenAI layer would
+# apply). worker-vllm's code later sent max_tokens 100; the documented 16 is the contract.
+SEED_SAMPLING_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 16,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+# Beam search takes only these of them (vLLM's beam search has its own temperature handling).
+BEAM_SEARCH_DEFAULTS = ("max_tokens",)
 
 NATIVE_KEYS = frozenset({
     "prompt", "messages", "apply_chat_template", "sampling_params", "stream",
     "max_batch_size", "min_batch_size", "batch_size_growth_factor",
 })
-OPENAI_KEYS = frozenset({
-    "openai_route", "openai_input", "max_batch_size", "min_batch_size", "batch_size_growth_factor",
-})
+BATCH_KEYS = frozenset({"max_batch_size", "min_batch_size", "batch_size_growth_factor"})
+OPENAI_KEYS = frozenset({"openai_route", "openai_input"}) | BATCH_KEYS
+# Today's worker-vllm (its `vllm serve` wrapper): any route of the server, with its body and method.
+ROUTE_KEYS = frozenset({"route", "body", "method"}) | BATCH_KEYS
+DEFAULT_OPENAI_ROUTE = "/v1/chat/completions"  # an `openai_input` without `openai_route`
 # Request fields the native format sets itself: not sampling parameters.
 RESERVED_FIELDS = frozenset({
     "messages", "prompt", "model", "stream", "stream_options", "return_token_ids", "request_id",
@@ -71,6 +90,7 @@ class NativeJob:
     batch: BatchPolicy = field(default_factory=lambda: BatchPolicy(50, 1, 3))
     chat: bool = True
     whole: bool = False  # the engine answers whole (beam search), not as a stream
+    warnings: tuple[str, ...] = ()  # ignored input keys, for the job's log
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], param: str, what: str) -> Any:
@@ -80,6 +100,14 @@ def _expect(value: Any, kind: type | tuple[type, ...], param: str, what: str) ->
     if not isinstance(value, kind):
         raise NativeInputError(f"`{param}` must be {what}, got {type(value).__name__}", param)
     return value
+
+
+def batch_defaults(settings: Settings) -> BatchPolicy:
+    """DEFAULT_BATCH_SIZE / DEFAULT_MIN_BATCH_SIZE / DEFAULT_BATCH_SIZE_GROWTH_FACTOR: a job's batches
+    unless it sets its own."""
+    return BatchPolicy(
+        settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_MIN_BATCH_SIZE, settings.DEFAULT_BATCH_SIZE_GROWTH_FACTOR
+    )
 
 
 def batch_policy(job_input: dict[str, Any], defaults: BatchPolicy) -> BatchPolicy:
@@ -109,14 +137,11 @@ def normalize_job(
     the field for anything invalid: nothing is silently ignored."""
     if not isinstance(job_input, dict):
         raise NativeInputError("the job's `input` must be a JSON object", "input")
-    if "openai_route" in job_input:
+    if "openai_route" in job_input or "openai_input" in job_input:
         return _normalize_openai_job(job_input, defaults)
-    unknown = sorted(set(job_input) - NATIVE_KEYS)
-    if unknown:
-        raise NativeInputError(
-            f"unknown input field `{unknown[0]}` (expected: {', '.join(sorted(NATIVE_KEYS | {'openai_route'}))})",
-            unknown[0],
-        )
+    if "route" in job_input:
+        return _normalize_route_job(job_input, defaults, served_model)
+    warnings = ignored_keys(job_input, NATIVE_KEYS)
     stream = _expect(job_input.get("stream", False), bool, "stream", "a boolean")
     apply_template = _expect(job_input.get("apply_chat_template", False), bool, "apply_chat_template", "a boolean")
     policy = batch_policy(job_input, defaults)
@@ -146,7 +171,7 @@ def normalize_job(
     sampling = {} if sampling is None else _expect(sampling, dict, "sampling_params", "an object")
     allowed = chat_fields if chat else completion_fields
     n, candidates = 1, None
-    params: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS}
+    params: dict[str, Any] = {}
     for name, value in sampling.items():
         param = f"sampling_params.{name}"
         if name == "best_of":
@@ -181,6 +206,10 @@ def normalize_job(
         params["logprobs"] = True if chat else 0
         if chat:
             params.pop("top_logprobs", None)
+    beam = bool(params.get("use_beam_search"))
+    for name, value in SEED_SAMPLING_DEFAULTS.items():
+        if name not in params and (not beam or name in BEAM_SEARCH_DEFAULTS):
+            params[name] = value
     body.update(params)
     # Per-choice token counts, exact even when a delta carries several tokens. No logprobs are asked
     # for to split such a delta into each token's text: they cost ~12 % of the tokens per second of
@@ -195,30 +224,62 @@ def normalize_job(
         body["stream"] = True
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     route = "/v1/chat/completions" if chat else "/v1/completions"
-    return NativeJob("generate", "POST", route, body, stream, n, candidates, policy, chat,
-                     whole=bool(params.get("use_beam_search")))
+    return NativeJob("generate", "POST", route, body, stream, n, candidates, policy, chat, whole=beam,
+                     warnings=warnings)
+
+
+def ignored_keys(job_input: dict[str, Any], known: frozenset[str]) -> tuple[str, ...]:
+    """worker-vllm ignores top-level keys it doesn't know; so do we, but say so in the job's log
+    (a misspelt `sampling_param` must not pass unnoticed)."""
+    return tuple(
+        f"ignored unknown input field `{key}` (known: {', '.join(sorted(known))})"
+        for key in sorted(set(job_input) - known, key=str)
+    )
+
+
+def _job_route(value: Any, param: str) -> str:
+    route = _expect(value, str, param, "a string")
+    route = engine_route("/" + route.strip("/"))
+    if route not in JOB_ROUTES:
+        raise NativeInputError(f"unknown {param} `{value}` (expected one of {', '.join(JOB_ROUTES)})", param)
+    return route
+
+
+def _openai_body(method: str, body: Any, param: str) -> dict[str, Any] | None:
+    if method == "POST":
+        return _expect(body, dict, param, "an object (the OpenAI request body)")
+    if body not in (None, {}):
+        _expect(body, dict, param, "an object")
+    return None
+
+
+def _openai_job(route: str, method: str, body: dict[str, Any] | None, job_input: dict[str, Any],
+                defaults: BatchPolicy, warnings: tuple[str, ...]) -> NativeJob:
+    stream = bool(body.get("stream", False)) if body is not None else False
+    return NativeJob("openai", method, route, body, stream, batch=batch_policy(job_input, defaults),
+                     warnings=warnings)
 
 
 def _normalize_openai_job(job_input: dict[str, Any], defaults: BatchPolicy) -> NativeJob:
-    unknown = sorted(set(job_input) - OPENAI_KEYS)
-    if unknown:
-        raise NativeInputError(f"unknown input field `{unknown[0]}` beside `openai_route`", unknown[0])
-    route = _expect(job_input["openai_route"], str, "openai_route", "a string")
-    route = engine_route("/" + route.strip("/"))
-    if route not in JOB_ROUTES:
-        raise NativeInputError(
-            f"unknown openai_route `{job_input['openai_route']}` (expected one of {', '.join(JOB_ROUTES)})",
-            "openai_route",
-        )
+    """worker-vllm's `openai_route` + `openai_input` (an input alone goes to chat completions)."""
+    route = _job_route(job_input.get("openai_route", DEFAULT_OPENAI_ROUTE), "openai_route")
     method = JOB_ROUTES[route]
-    body = job_input.get("openai_input")
-    if method == "POST":
-        body = _expect(body, dict, "openai_input", "an object (the OpenAI request body)")
-    elif body not in (None, {}):
-        _expect(body, dict, "openai_input", "an object")
-    stream = bool(body.get("stream", False)) if isinstance(body, dict) else False
-    return NativeJob("openai", method, route, body if method == "POST" else None, stream,
-                     batch=batch_policy(job_input, defaults))
+    body = _openai_body(method, job_input.get("openai_input"), "openai_input")
+    return _openai_job(route, method, body, job_input, defaults, ignored_keys(job_input, OPENAI_KEYS))
+
+
+def _normalize_route_job(job_input: dict[str, Any], defaults: BatchPolicy, served_model: str) -> NativeJob:
+    """Today's worker-vllm's `route` + `body` (+ `method`, default POST with a body, else GET). As
+    there, a body without `model` is for the served model."""
+    route = _job_route(job_input["route"], "route")
+    body = job_input.get("body")
+    method = _expect(job_input.get("method") or ("POST" if body else "GET"), str, "method", "a string").upper()
+    if method != JOB_ROUTES[route]:
+        raise NativeInputError(f"`method` {method} does not serve `{route}`: it takes {JOB_ROUTES[route]}", "method")
+    body = _openai_body(method, body, "body")
+    if body is not None and "model" not in body:
+        body = {"model": served_model, **body}
+    return _openai_job(route, method, body, job_input, defaults, ignored_keys(job_input, ROUTE_KEYS))
 
 
 # --- the event stream ---------------------------------------------------------------------------
@@ -230,14 +291,62 @@ def split_sse(buffer: bytes) -> tuple[list[bytes], bytes]:
     return [e for e in events if e.strip()], rest
 
 
+def event_data(event: bytes) -> str | None:
+    """The data of one SSE event (its `data:` lines joined; an `event:` line may come first, as in
+    Responses and Messages streams); None when it has none."""
+    lines = [line[5:].strip() for line in event.decode("utf-8").splitlines() if line.startswith("data:")]
+    return "\n".join(lines) if lines else None
+
+
 def event_payload(event: bytes) -> dict[str, Any] | None:
-    """The JSON of one `data:` event; None for `[DONE]`."""
-    text = event.decode("utf-8").strip()
-    if text.startswith("data:"):
-        text = text[5:].strip()
-    if text == "[DONE]":
+    """The JSON of one `data:` event; None for `[DONE]` (and an event without data)."""
+    data = event_data(event)
+    if data is None or data == "[DONE]":
         return None
-    return json.loads(text)
+    return json.loads(data)
+
+
+class SseBatcher:
+    """An OpenAI-shaped job's SSE stream -> worker-vllm's batches of 1, 3, 9, ... events (the job's
+    BatchPolicy): with `raw` (RAW_OPENAI_OUTPUT, worker-vllm's default) each batch is the events' text
+    (`data: {...}\\n\\n`, `data: [DONE]` included); otherwise a list of the parsed chunk objects."""
+
+    def __init__(self, policy: BatchPolicy, raw: bool) -> None:
+        self._sizes = policy.sizes()
+        self._size = next(self._sizes)
+        self._raw = raw
+        self._buffer = b""
+        self._batch: list[Any] = []
+
+    def feed(self, part: bytes) -> list[str | list[dict[str, Any]]]:
+        events, self._buffer = split_sse(self._buffer + part)
+        return self._add(events)
+
+    def finish(self) -> list[str | list[dict[str, Any]]]:
+        """The last batch (and an event the stream ended without its blank line)."""
+        rest, self._buffer = self._buffer, b""
+        batches = self._add([rest] if rest.strip() else [])
+        if self._batch:
+            batches.append(self._take())
+        return batches
+
+    def _add(self, events: list[bytes]) -> list[str | list[dict[str, Any]]]:
+        batches = []
+        for event in events:
+            if self._raw:
+                self._batch.append(event.decode("utf-8") + "\n\n")
+            elif (payload := event_payload(event)) is not None:
+                self._batch.append(payload)
+            else:
+                continue
+            if len(self._batch) >= self._size:
+                batches.append(self._take())
+                self._size = next(self._sizes)
+        return batches
+
+    def _take(self) -> str | list[dict[str, Any]]:
+        batch, self._batch = self._batch, []
+        return "".join(batch) if self._raw else batch
 
 
 @dataclass

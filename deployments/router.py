@@ -36,10 +36,11 @@ from deployments.errors import (
 from deployments.limiter import AdmissionLimiter
 from deployments.limits import RequestLimits, check_request, check_size, parse_body
 from deployments.native import (
-    BatchPolicy,
     GenerationFailed,
     NativeAssembler,
     NativeJob,
+    SseBatcher,
+    batch_defaults,
     event_payload,
     normalize_job,
     split_sse,
@@ -137,14 +138,13 @@ class Router:
         # Streamed bodies come back through this replica's channel (deployments.stream_channel).
         self._inbox = StreamInbox(ray.util.get_node_ip_address())
         self._engine_health = engine.check_health
+        self._engine_was_ready = False  # /ping: "initializing" until an engine first answers
         self._settings = settings
         self._api_keys = tuple(k.encode() for k in settings.api_keys)
         self._limiter = AdmissionLimiter(
             per_router_limit(settings.MAX_CONCURRENCY, router_replicas), settings.MAX_QUEUED_REQUESTS
         )
-        self._batch_defaults = BatchPolicy(
-            settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_MIN_BATCH_SIZE, settings.DEFAULT_BATCH_SIZE_GROWTH_FACTOR
-        )
+        self._batch_defaults = batch_defaults(settings)
         # vLLM's request fields, for the checks: from an engine replica, which has vLLM imported
         # (deployments.request_models). Requests that need them before any engine is up wait for one,
         # as they would for the engine anyway.
@@ -170,14 +170,31 @@ class Router:
             app.openapi_schema = openapi_with_request_models(schemas)
         return JSONResponse(app.openapi_schema)
 
-    @app.get("/health")
-    async def health(self) -> Response:
-        """200 once an engine can serve; 503 while none can (loading, restarting or dead)."""
+    async def _engine_unready(self) -> EngineUnavailable | None:
+        """None once an engine answers its health check, else why not."""
         try:
             await asyncio.wait_for(self._engine_health.remote(), HEALTH_TIMEOUT_S)
         except Exception as exc:
-            return error_response(EngineUnavailable(f"engine not ready: {type(exc).__name__}"), "health")
-        return Response(status_code=200)
+            return EngineUnavailable(f"engine not ready: {type(exc).__name__}")
+        self._engine_was_ready = True
+        return None
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        """200 once an engine can serve; 503 while none can (loading, restarting or dead)."""
+        unready = await self._engine_unready()
+        return Response(status_code=200) if unready is None else error_response(unready, "health")
+
+    @app.get("/ping")
+    async def ping(self) -> Response:
+        """RunPod load-balancing endpoints' health probe: 200 ready, 204 while the engine loads
+        (RunPod's "initializing"), 503 when an engine that was ready stops answering."""
+        unready = await self._engine_unready()
+        if unready is None:
+            return JSONResponse({"status": "healthy"})
+        if not self._engine_was_ready:
+            return Response(status_code=204)
+        return error_response(unready, "ping")
 
     @app.get("/v1/models")
     @app.get("/openai/v1/models")
@@ -323,10 +340,11 @@ class Router:
     async def _forward(self, request: Request, path: str, *, generation: bool) -> Response:
         record = RequestRecord(current_request_id(request), path)
         anthropic = path in ANTHROPIC_ROUTES
+        admitted = generation
         try:
             self._authorize(request.headers)
             body = await self._read_body(request)
-            if generation:
+            if admitted:
                 await self._admit(path, body)
         except Exception as exc:
             return self._fail(exc, record, anthropic)
@@ -338,10 +356,10 @@ class Router:
             stream = self._call_engine(request.method, path, headers, body)
             first = stream.__anext__()
             status, engine_headers, first_part, more = await (
-                first if generation else asyncio.wait_for(first, READ_TIMEOUT_S)
+                first if admitted else asyncio.wait_for(first, READ_TIMEOUT_S)
             )
         except BaseException as exc:
-            if generation:
+            if admitted:
                 self._limiter.release()
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -351,7 +369,7 @@ class Router:
         engine_headers = dict(engine_headers)
         response_headers = {k: engine_headers[k] for k in PASSED_HEADERS if k in engine_headers}
         if not more:
-            if generation:
+            if admitted:
                 self._limiter.release()
             record.read_usage(first_part)
             self._observer.finish(record)
@@ -360,13 +378,13 @@ class Router:
                 first_part, media_type = as_anthropic_error(status, first_part), "application/json"
             return Response(first_part, status_code=status, media_type=media_type, headers=response_headers)
         return StreamingResponse(
-            self._relay(stream, first_part, record, generation, anthropic),
+            self._relay(stream, first_part, record, admitted, anthropic),
             status_code=status,
             media_type="text/event-stream",
             headers=response_headers,
         )
 
-    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, generation: bool,
+    async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, admitted: bool,
                      anthropic: bool) -> AsyncIterator[bytes]:
         """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
         try:
@@ -380,7 +398,7 @@ class Router:
         finally:
             # Client gone or stream done: cancelling the handle call aborts the request in the engine.
             stream.cancel()
-            if generation:
+            if admitted:
                 self._limiter.release()
             self._observer.finish(record)
 
@@ -398,8 +416,10 @@ class Router:
                 chat_fields=fields.chat,
                 completion_fields=fields.completion,
             )
-            generation = job.method == "POST"
-            if generation:
+            for warning in job.warnings:
+                logger.warning("job %s: %s", job_id, warning)
+            admitted = job.method == "POST"
+            if admitted:
                 check_size(len(json.dumps(job.body)), self._limits)
                 check_request(job.body, self._limits, fields.objects[job.route], job.route)
                 await self._limiter.acquire()
@@ -423,8 +443,8 @@ class Router:
                 if not more:
                     yield json.loads(first_part)
                 else:
-                    async for events in _sse_event_groups(first_part, stream, job.route):
-                        yield events
+                    async for batch in _sse_batches(job, first_part, stream, self._settings.RAW_OPENAI_OUTPUT):
+                        yield batch
                 return
             async for output in _native_outputs(job, first_part, stream):
                 record.tokens = output.get("usage", {}).get("output", record.tokens)
@@ -440,7 +460,7 @@ class Router:
         finally:
             if stream is not None:
                 stream.cancel()
-            if generation:
+            if admitted:
                 self._limiter.release()
             self._observer.finish(record)
 
@@ -453,17 +473,14 @@ def model_card(model_list: bytes, model_id: str) -> bytes | None:
     return None
 
 
-async def _sse_event_groups(first_part: bytes, stream: Any, route: str) -> AsyncIterator[str]:
-    """The stream as strings of whole SSE events: never cut inside an event or a UTF-8 character."""
-    buffer = b""
-    async for part in _whole_stream(first_part, stream, route):
-        buffer += part
-        cut = buffer.rfind(b"\n\n")
-        if cut >= 0:
-            yield buffer[: cut + 2].decode("utf-8")
-            buffer = buffer[cut + 2:]
-    if buffer.strip():
-        yield buffer.decode("utf-8")
+async def _sse_batches(job: NativeJob, first_part: bytes, stream: Any, raw: bool) -> AsyncIterator[Any]:
+    """An OpenAI-shaped job's stream in worker-vllm's batches (deployments.native.SseBatcher)."""
+    batcher = SseBatcher(job.batch, raw)
+    async for part in _whole_stream(first_part, stream, job.route):
+        for batch in batcher.feed(part):
+            yield batch
+    for batch in batcher.finish():
+        yield batch
 
 
 SSE_END = b"data: [DONE]\n\n"

@@ -7,6 +7,10 @@
 #                              runpod.serverless.start. Arguments go to it (e.g. --rp_serve_api).
 #   RUN_MODE=serve:            the plain Serve app, `python -m deployments.serve_main`: the OpenAI
 #                              API on SERVE_HOST:SERVE_PORT (0.0.0.0:8000 in the image).
+#   RUN_MODE=lb:               the Serve app for a RunPod load-balancing endpoint: it listens on the
+#                              PORT RunPod gives (default 80) on every address, and RunPod probes
+#                              its GET /ping there (200 ready, 204 loading). PORT_HEALTH, when set,
+#                              must be the same port: Serve has one HTTP port.
 #
 # The interpreter is $PYTHON if set, else `python`, else `python3` (vLLM's image has only python3).
 set -eu
@@ -27,8 +31,16 @@ case "$mode" in
     serve)
         exec "$py" -m deployments.serve_main "$@"
         ;;
+    lb)
+        port=${PORT:-80}
+        if [ -n "${PORT_HEALTH:-}" ] && [ "$PORT_HEALTH" != "$port" ]; then
+            echo "entrypoint.sh: PORT_HEALTH=$PORT_HEALTH differs from PORT=$port; the app answers /ping on its one port: leave PORT_HEALTH unset or equal to PORT" >&2
+            exit 2
+        fi
+        SERVE_PORT=$port SERVE_HOST=${SERVE_HOST:-0.0.0.0} exec "$py" -m deployments.serve_main "$@"
+        ;;
     *)
-        echo "entrypoint.sh: unknown RUN_MODE '$mode': use 'runpod' (the default: the RunPod worker) or 'serve' (the Serve app on port 8000)" >&2
+        echo "entrypoint.sh: unknown RUN_MODE '$mode': use 'runpod' (the default: the RunPod worker), 'serve' (the Serve app on port 8000) or 'lb' (a RunPod load-balancing endpoint on PORT)" >&2
         exit 2
         ;;
 esac

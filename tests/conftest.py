@@ -44,6 +44,15 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def vllm_parser():
+    """vLLM's own `vllm serve` argument parser."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model: Path):
     from transformers import AutoTokenizer
 

@@ -59,18 +59,11 @@ def settings(**values) -> Settings:
     return load_settings(environ={}, args=values, forward_engine_args=False)
 
 
-@pytest.fixture(scope="session")
-def vllm_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser())
-
-
 # --- load_settings: defaults ---------------------------------------------------------------------
 
 WORKER_VLLM_DEFAULTS = {
-    "TENSOR_PARALLEL_SIZE": 1,
+    # Unset: every GPU of a node, as worker-vllm shards over every GPU it sees (1 on CPU).
+    "TENSOR_PARALLEL_SIZE": None,
     "PIPELINE_PARALLEL_SIZE": 1,
     "GPU_MEMORY_UTILIZATION": 0.95,
     "MAX_NUM_SEQS": 256,
@@ -262,7 +255,7 @@ def test_empty_string_means_unset(empty):
         "PLACEMENT_STRATEGY": empty,
     })
     assert s.MAX_MODEL_LEN is None
-    assert s.TENSOR_PARALLEL_SIZE == 1
+    assert s.TENSOR_PARALLEL_SIZE is None and s.tensor_parallel_size == 1
     assert s.GPU_MEMORY_UTILIZATION == 0.95
     assert s.ENABLE_AUTO_TOOL_CHOICE is False
     assert s.MODEL_NAME is None and s.uses_demo_model
@@ -894,7 +887,7 @@ def test_table_lists_every_setting_once_in_its_group():
 
 def test_table_defaults_and_descriptions():
     rows = _rows(docs.configuration_table())
-    assert rows["TENSOR_PARALLEL_SIZE"][1] == "`1`"
+    assert rows["TENSOR_PARALLEL_SIZE"][1] == ""
     assert rows["GPU_MEMORY_UTILIZATION"][1] == "`0.95`"
     assert rows["MAX_NUM_SEQS"][1] == "`256`"
     assert rows["MAX_CONCURRENCY"][1] == "`300`"

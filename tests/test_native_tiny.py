@@ -45,9 +45,15 @@ def test_per_request_batch_sizes_override_the_defaults(app):
     assert token_counts(batches) == [2, 3, 4, 3]
 
 
-def test_max_tokens_defaults_to_100(app):
+def test_max_tokens_defaults_to_the_seeds_16(app):
     [batch] = run_job(app, {"prompt": "fox", "sampling_params": {"ignore_eos": True}})
-    assert batch["usage"]["output"] == 100
+    assert batch["usage"]["output"] == 16
+
+
+def test_unknown_top_level_keys_are_ignored(app):
+    """As worker-vllm does: the job runs (the router's log names the key)."""
+    [batch] = run_job(app, {"prompt": "fox", "surprise": 1, "sampling_params": {"max_tokens": 3, "ignore_eos": True}})
+    assert batch["usage"]["output"] == 3
 
 
 def test_non_streaming_text_equals_the_http_completion(app):
@@ -110,7 +116,7 @@ def test_beam_search_runs(app):
     ({"prompt": "x", "sampling_params": {"use_beam_search": True, "early_stopping": True}}, "early_stopping"),
     ({"prompt": 42}, "prompt"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "surprise": 1}, "surprise"),
+    ({"route": "/v1/models", "method": "POST", "body": {"x": 1}}, "method"),
     ({"openai_route": "/v2/score", "openai_input": {}}, "openai_route"),
     ({"openai_route": "/v1/chat/completions"}, "openai_input"),
     ("just a string", "input"),
@@ -135,6 +141,8 @@ def test_openai_route_models_and_non_streaming_chat(app):
 def test_openai_route_stream_yields_whole_sse_events(app):
     body = {"model": "tiny", "prompt": "fox", "max_tokens": 12, "temperature": 0, "stream": True}
     outputs = run_job(app, {"openai_route": "/openai/v1/completions", "openai_input": body})
+    # worker-vllm's batches (DEFAULT_BATCH_SIZE 50, min 1, growth 3): 1, 3, 9, ... events each.
+    assert [out.count("data: ") for out in outputs][:3] == [1, 3, 9]
     text = ""
     for out in outputs:
         assert isinstance(out, str) and out.endswith("\n\n")
@@ -160,3 +168,16 @@ def test_openai_route_responses_api_streams_to_its_completed_event(app):
     whole_text = "".join(part["text"] for item in whole["output"] if item["type"] == "message"
                          for part in item["content"] if part["type"] == "output_text")
     assert text == whole_text
+
+
+def test_todays_route_body_method_jobs(app):
+    """Today's worker-vllm job shape: any route with its body (and method); the body's model
+    defaults to the served one."""
+    [models] = run_job(app, {"route": "/v1/models"})
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    [chat] = run_job(app, {"route": "/v1/chat/completions", "body": body, "method": "POST"})
+    assert chat["object"] == "chat.completion" and chat["model"] == "tiny"
+    streamed = run_job(app, {"route": "/openai/v1/chat/completions", "body": {**body, "stream": True}})
+    events = "".join(streamed)
+    assert events.startswith("data: ") and events.rstrip().endswith("data: [DONE]")

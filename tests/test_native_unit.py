@@ -15,12 +15,13 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 from deployments.errors import ClientError
 from deployments.native import (
-    DEFAULT_MAX_TOKENS,
+    SEED_SAMPLING_DEFAULTS,
     BatchPolicy,
     GenerationFailed,
     NativeAssembler,
     NativeInputError,
     NativeJob,
+    SseBatcher,
     event_payload,
     iter_events,
     normalize_job,
@@ -158,11 +159,29 @@ def test_messages_override_prompt():
     assert "prompt" not in job.body
 
 
-def test_max_tokens_defaults_to_100():
-    assert DEFAULT_MAX_TOKENS == 100
-    assert norm({"prompt": "x"}).body["max_tokens"] == 100
-    assert norm({"messages": [{"role": "user", "content": "x"}]}).body["max_tokens"] == 100
+# The seed's "Sampling Parameters" table: the defaults a job gets for what it doesn't set.
+SEED_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+}
+
+
+def test_sampling_defaults_are_the_seeds():
+    assert SEED_SAMPLING_DEFAULTS == SEED_DEFAULTS
+    for job_input in ({"prompt": "x"}, {"messages": [{"role": "user", "content": "x"}]}):
+        body = norm(job_input).body
+        for name, value in SEED_DEFAULTS.items():
+            assert body[name] == value, name
     assert norm({"prompt": "x", "sampling_params": {"max_tokens": 5}}).body["max_tokens"] == 5
+    # What the job sets wins; the rest stay the seed's (not the model's generation config).
+    body = norm({"prompt": "x", "sampling_params": {"temperature": 0.0, "top_k": 5}}).body
+    assert (body["temperature"], body["top_k"], body["top_p"]) == (0.0, 5, 1.0)
+
+
+def test_beam_search_gets_only_the_max_tokens_default():
+    body = norm({"prompt": "x", "sampling_params": {"use_beam_search": True, "n": 2}}).body
+    assert body["max_tokens"] == 16
+    assert "temperature" not in body and "top_p" not in body
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completion"])
@@ -185,8 +204,8 @@ def test_each_seed_param_is_accepted_alone(name: str):
 
 
 def test_null_or_missing_sampling_params_are_empty():
-    assert norm({"prompt": "x", "sampling_params": None}).body["max_tokens"] == 100
-    assert norm({"prompt": "x", "sampling_params": {}}).body["max_tokens"] == 100
+    assert norm({"prompt": "x", "sampling_params": None}).body["max_tokens"] == 16
+    assert norm({"prompt": "x", "sampling_params": {}}).body["max_tokens"] == 16
 
 
 def test_best_of_above_n_samples_candidates_chat():
@@ -321,10 +340,12 @@ def test_wrong_types_name_the_field(job_input: dict[str, Any], param: str):
     assert isinstance(error, ClientError)
 
 
-def test_unknown_top_level_field_is_named():
-    error = norm_error({"prompt": "x", "temprature": 0.5})
-    assert error.param == "temprature"
-    assert "temprature" in str(error)
+def test_unknown_top_level_field_is_ignored_with_a_warning():
+    """worker-vllm ignores top-level keys it doesn't know; the job runs and its log names the key."""
+    job = norm({"prompt": "x", "temprature": 0.5})
+    assert "temprature" not in job.body and job.body["temperature"] == 1.0
+    assert len(job.warnings) == 1 and "`temprature`" in job.warnings[0]
+    assert norm({"prompt": "x"}).warnings == ()
 
 
 @pytest.mark.parametrize("job_input", [None, "hello", ["prompt", "x"], 3])
@@ -403,9 +424,91 @@ def test_get_route_rejects_a_non_object_input():
     assert norm_error({"openai_route": "/v1/models", "openai_input": "x"}).param == "openai_input"
 
 
-def test_openai_route_rejects_native_fields_beside_it():
-    error = norm_error({"openai_route": "/v1/completions", "openai_input": {"prompt": "x"}, "prompt": "y"})
-    assert error.param == "prompt"
+def test_openai_route_ignores_native_fields_beside_it_with_a_warning():
+    job = norm({"openai_route": "/v1/completions", "openai_input": {"prompt": "x"}, "prompt": "y"})
+    assert job.body == {"prompt": "x"}
+    assert len(job.warnings) == 1 and "`prompt`" in job.warnings[0]
+
+
+def test_openai_input_without_a_route_is_a_chat_completion():
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    job = norm({"openai_input": body})
+    assert (job.kind, job.method, job.route, job.body) == ("openai", "POST", "/v1/chat/completions", body)
+
+
+# --- normalize_job: today's worker-vllm `route` + `body` (+ `method`) jobs -----------------------
+
+
+def test_route_job_with_a_body_is_a_post_for_the_served_model():
+    job = norm({"route": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}],
+                                                          "stream": True}})
+    assert (job.kind, job.method, job.route, job.stream) == ("openai", "POST", "/v1/chat/completions", True)
+    assert job.body["model"] == MODEL
+    # A body naming its model keeps it (a LoRA adapter, say).
+    assert norm({"route": "/v1/completions", "body": {"model": "other", "prompt": "x"}}).body["model"] == "other"
+
+
+def test_route_job_without_a_body_is_a_get():
+    job = norm({"route": "/v1/models"})
+    assert (job.method, job.route, job.body) == ("GET", "/v1/models", None)
+    assert norm({"route": "/openai/v1/models", "method": "get"}).method == "GET"
+
+
+@pytest.mark.parametrize(("job_input", "param"), [
+    ({"route": "/v1/models", "method": "POST", "body": {"x": 1}}, "method"),
+    ({"route": "/v1/chat/completions", "method": "GET"}, "method"),
+    ({"route": "/v1/chat/completions", "body": "x"}, "body"),
+    ({"route": "/v1/nope", "body": {}}, "route"),
+    ({"route": 3}, "route"),
+])
+def test_route_job_errors_name_the_field(job_input: dict[str, Any], param: str):
+    assert norm_error(job_input).param == param
+
+
+def test_route_job_batches_like_openai_route_jobs():
+    job = norm({"route": "/v1/completions", "body": {"prompt": "x"}, "max_batch_size": 4, "extra": 1})
+    assert job.batch == BatchPolicy(4, 1, 3.0)
+    assert len(job.warnings) == 1 and "`extra`" in job.warnings[0]
+
+
+# --- SseBatcher: OpenAI-shaped job streams in worker-vllm's batches -------------------------------
+
+
+def sse_stream(count: int) -> bytes:
+    return b"".join(b'data: {"i": %d}\n\n' % i for i in range(count)) + b"data: [DONE]\n\n"
+
+
+def run_batcher(policy: BatchPolicy, raw: bool, stream: bytes, cut: int) -> list[Any]:
+    batcher = SseBatcher(policy, raw)
+    parts = [stream[i:i + cut] for i in range(0, len(stream), cut)]
+    return [batch for part in parts for batch in batcher.feed(part)] + batcher.finish()
+
+
+@pytest.mark.parametrize("cut", [1, 7, 1000])
+def test_raw_batches_are_whole_events_in_growing_sizes(cut: int):
+    """RAW_OPENAI_OUTPUT (worker-vllm's default): strings of whole SSE events, 1, 3, 9, ... events
+    each, `data: [DONE]` in the last; however the bytes were cut."""
+    batches = run_batcher(BatchPolicy(50, 1, 3), True, sse_stream(20), cut)
+    assert [b.count("data:") for b in batches] == [1, 3, 9, 8]
+    assert all(b.endswith("\n\n") for b in batches)
+    assert "".join(batches).encode() == sse_stream(20)
+
+
+@pytest.mark.parametrize("cut", [1, 1000])
+def test_parsed_batches_are_lists_of_chunks_without_done(cut: int):
+    batches = run_batcher(BatchPolicy(4, 2, 2), False, sse_stream(11), cut)
+    assert [len(b) for b in batches] == [2, 4, 4, 1]
+    assert [chunk["i"] for b in batches for chunk in b] == list(range(11))
+
+
+def test_parsed_batches_read_named_events():
+    """Responses and Messages streams carry an `event:` line before each `data:`."""
+    stream = b'event: response.created\ndata: {"type": "response.created"}\n\n' \
+             b'event: response.completed\ndata: {"type": "response.completed"}\n\n'
+    batches = run_batcher(BatchPolicy(50, 50, 1), False, stream, 5)
+    assert batches == [[{"type": "response.created"}, {"type": "response.completed"}]]
+    raw = run_batcher(BatchPolicy(50, 50, 1), True, stream, 5)
+    assert raw == [stream.decode()]
 
 
 # --- NativeAssembler -------------------------------------------------------------------------------

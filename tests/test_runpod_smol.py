@@ -118,6 +118,14 @@ def test_openai_route_chat_streaming_and_not(local_api):
     assert events.startswith("data: ") and events.rstrip().endswith("data: [DONE]")
 
 
+def test_todays_worker_vllm_route_body_job(local_api):
+    body = {"messages": CAPITAL, "max_tokens": 20, "temperature": 0}
+    [whole] = local_api.post("/runsync", json={"input": {"route": "/v1/chat/completions", "body": body}}).json()[
+        "output"]
+    assert "Paris" in whole["choices"][0]["message"]["content"]
+    assert whole["model"] == DEMO_MODEL_SERVED_NAME
+
+
 def test_invalid_job_names_the_field(local_api):
     result = local_api.post("/runsync", json={"input": {"prompt": "x", "sampling_params": {"temprature": 1}}}).json()
     # runpod 1.10's local API reports a yielded error as COMPLETED; the production loop marks it FAILED.

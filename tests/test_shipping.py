@@ -233,6 +233,34 @@ def test_entrypoint_dispatch(fake_python, mode, expected):
     assert result.stdout.splitlines() == ["-m", expected, "--rp_serve_api"]
 
 
+@pytest.fixture
+def env_printing_python(tmp_path) -> Path:
+    """An interpreter stand-in that prints the port and host it would serve on."""
+    path = tmp_path / "envpy"
+    path.write_text('#!/bin/sh\nprintf "%s %s %s\\n" "$2" "$SERVE_HOST" "$SERVE_PORT"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize(("port", "expected"), [(None, "80"), ("8080", "8080")])
+def test_entrypoint_lb_mode_serves_on_runpods_port(env_printing_python, port, expected):
+    """RunPod load-balancing endpoints: the app listens on PORT (default 80), on every address."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "PORT_HEALTH", "SERVE_HOST", "SERVE_PORT")}
+    env.update(RUN_MODE="lb", PYTHON=str(env_printing_python))
+    if port is not None:
+        env["PORT"] = port
+    result = run_entrypoint(env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["deployments.serve_main", "0.0.0.0", expected]
+
+
+def test_entrypoint_lb_mode_refuses_a_separate_health_port(env_printing_python):
+    env = {**os.environ, "RUN_MODE": "lb", "PYTHON": str(env_printing_python), "PORT": "8080", "PORT_HEALTH": "8081"}
+    result = run_entrypoint(env)
+    assert result.returncode == 2
+    assert "PORT_HEALTH" in result.stderr and result.stdout == ""
+
+
 @pytest.mark.parametrize("found", ["python", "python3"])
 def test_entrypoint_finds_an_interpreter_without_PYTHON(tmp_path, fake_python, found):
     # vLLM's image has only python3; a checkout's venv has python.
