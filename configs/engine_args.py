@@ -40,6 +40,8 @@ def vllm_cli_args(settings: Settings, accelerator: Accelerator, model_path: str)
     if settings.TOOL_CALL_PARSER:
         args += ["--tool-call-parser", settings.TOOL_CALL_PARSER]
     args += worker_vllm_model_args(settings)
+    if settings.allowed_media_domains:
+        args += ["--allowed-media-domains", *settings.allowed_media_domains]
     # Forwarded variables come last so vLLM sees exactly what the user asked for.
     return args + list(settings.engine_cli_overrides)
 
@@ -99,6 +101,10 @@ def model_cache_environment(base_path: Path | None) -> dict[str, str]:
     }
 
 
+# Variables of engine_process_environment an operator may set otherwise (theirs win).
+OPERATOR_OVERRIDABLE = frozenset({"VLLM_CPU_OMP_THREADS_BIND", "VLLM_MEDIA_URL_ALLOW_REDIRECTS"})
+
+
 def engine_process_environment(settings: Settings, accelerator: Accelerator, cores: list[int]) -> dict[str, str]:
     """Environment vLLM reads in an engine replica, from the settings it was given. Pure."""
     env: dict[str, str] = {}
@@ -108,6 +114,8 @@ def engine_process_environment(settings: Settings, accelerator: Accelerator, cor
     if settings.HF_TOKEN is not None:
         env["HF_TOKEN"] = settings.HF_TOKEN.get_secret_value()
     env.update(model_cache_environment(settings.BASE_PATH))
+    # A public media URL must not redirect the engine's fetch to an address the ingress refuses.
+    env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
     if accelerator is Accelerator.CPU and settings.devices_per_engine > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(cores, settings.devices_per_engine)
     return env

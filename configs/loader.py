@@ -11,13 +11,14 @@ import argparse
 import importlib.metadata
 import json
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from configs.settings import LEGACY_NAMES, Settings
 
@@ -294,11 +295,19 @@ def conflicting_flags(raw: Mapping[str, Any], tokens: Iterable[str]) -> list[str
     return errors
 
 
+def _is_secret(name: str) -> bool:
+    field = Settings.model_fields.get(name)
+    return field is not None and SecretStr in (field.annotation, *typing.get_args(field.annotation))
+
+
 def _format_validation_error(exc: ValidationError, raw: Mapping[str, Any]) -> list[str]:
     messages = []
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "settings"
-        if name in raw:
+        if _is_secret(name):
+            # Whatever it holds (a key, a list of keys, a number), a secret's value is never printed.
+            messages.append(f"{name}: {err['msg']} (value not shown)".replace("Value error, ", ""))
+        elif name in raw:
             messages.append(f"{name}={raw[name]!r}: {err['msg']}")
         else:
             messages.append(f"{name}: {err['msg']}".replace("Value error, ", ""))

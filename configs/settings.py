@@ -185,6 +185,29 @@ class Settings(BaseModel):
         8 * 1024 * 1024, "Largest request body (bytes) the ingress reads; larger: 400 naming `body`.", INGRESS, ge=1024
     )
     MAX_N: int = _field(128, "Largest `n` (choices per request).", INGRESS, ge=1)
+    REQUEST_TIMEOUT: float = _field(
+        3600, "Seconds a request may take from arrival to its last byte (queue wait + generation); past "
+        "it the engine aborts it and the caller gets a 504 envelope (mid-stream: an SSE error event). "
+        "RunPod jobs too.", INGRESS, gt=0,
+    )
+    STREAM_STALL_TIMEOUT: float = _field(
+        60, "Seconds a stream's client may read nothing while output waits for it; past that the request is "
+        "aborted and its slot freed.", INGRESS, gt=0,
+    )
+    STREAM_BUFFER_BYTES: int = _field(
+        4 * 1024 * 1024, "Bytes of a stream's output the router holds for a client that reads slower than the "
+        "engine writes; past that the request is aborted (the memory a stalled reader can cost).", INGRESS,
+        ge=64 * 1024,
+    )
+    ALLOWED_MEDIA_DOMAINS: str | None = _field(
+        None, "Host names a request's media URLs (images, audio, video for a multimodal model) may name, "
+        "comma-separated; also vLLM's `--allowed-media-domains`. Unset: any public host, never a loopback, "
+        "link-local (cloud metadata) or private address, nor `file://`.", INGRESS,
+    )
+    MAX_SEQUENCES_PER_REQUEST: int = _field(
+        1024, "Most sequences one request may fan out to: its prompts (or texts, documents) x `n` x "
+        "`best_of`; past that: 400 naming the field.", INGRESS, ge=1,
+    )
     MAX_MESSAGES: int = _field(
         2048, "Most `messages` in one chat request (items of a Responses `input`).", INGRESS, ge=1
     )
@@ -223,6 +246,14 @@ class Settings(BaseModel):
                 raise ValueError(f"expected JSON ({exc})") from None
         if info.field_name == "LORA_MODULES" and isinstance(value, dict):
             value = [value]  # worker-vllm takes one adapter's object alone too
+        return value
+
+    @field_validator("API_KEY")
+    @classmethod
+    def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # "," or "key," would otherwise leave fewer keys than meant, or none: an open API.
+        if value is not None and any(not key.strip() for key in value.get_secret_value().split(",")):
+            raise ValueError("has an empty key: give one or more keys separated by commas, none of them empty")
         return value
 
     @field_validator("QUANTIZATION")
@@ -273,6 +304,13 @@ class Settings(BaseModel):
         if self.API_KEY is None:
             return ()
         return tuple(k.strip() for k in self.API_KEY.get_secret_value().split(",") if k.strip())
+
+    @property
+    def allowed_media_domains(self) -> tuple[str, ...]:
+        if not self.ALLOWED_MEDIA_DOMAINS:
+            return ()
+        return tuple(d.strip().rstrip(".").lower() for d in self.ALLOWED_MEDIA_DOMAINS.replace(" ", ",").split(",")
+                     if d.strip())
 
     @property
     def autoscaling(self) -> bool:

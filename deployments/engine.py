@@ -15,7 +15,7 @@ from typing import Any
 
 from ray import serve
 
-from configs.engine_args import engine_process_environment, vllm_cli_args
+from configs.engine_args import OPERATOR_OVERRIDABLE, engine_process_environment, vllm_cli_args
 from configs.settings import Accelerator, Settings
 from deployments import engine_core_process, process_title
 from deployments.asgi_bridge import ResponseHead, stream_asgi
@@ -30,6 +30,9 @@ logger = logging.getLogger("ray.serve")
 # in a registry nothing scrapes here. Each wraps every streamed chunk's `send` (both showed in the
 # engine replica's py-spy profile under load). vLLM's other middleware stays.
 HTTP_ONLY_MIDDLEWARE = frozenset({"CORSMiddleware", "PrometheusInstrumentatorMiddleware"})
+# How long the health check waits for the engine core to answer a probe between its steps: far above
+# a step's time, so only a hung core (stopped, deadlocked) fails it.
+ENGINE_PROBE_TIMEOUT_S = 20.0
 # FastAPI's answer for a route the app doesn't have.
 ROUTE_NOT_FOUND = b'{"detail":"Not Found"}'
 
@@ -55,11 +58,9 @@ def without_http_only_middleware(app: Any) -> list[str]:
 
 def prepare_process_environment(settings: Settings, accelerator: Accelerator) -> None:
     """Environment vLLM reads in this replica, set before anything imports huggingface_hub or vLLM
-    (they read it once). A thread binding the operator set stays theirs."""
+    (they read it once). What an operator may set otherwise (a thread binding...) stays theirs."""
     env = engine_process_environment(settings, accelerator, sorted(os.sched_getaffinity(0)))
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    os.environ.update(env)
+    os.environ.update({k: v for k, v in env.items() if k not in OPERATOR_OVERRIDABLE or k not in os.environ})
 
 
 class EngineServer:
@@ -164,8 +165,15 @@ class EngineServer:
         return self._request_schemas
 
     async def check_health(self) -> None:
-        """Serve's health check: fails only when the engine is dead, never because it is busy."""
+        """Serve's health check: fails when the engine is dead or its core has stopped answering
+        (hung), never because it is busy: the probe is a call the core answers between two steps."""
         await self._engine.check_health()
+        try:
+            await asyncio.wait_for(self._engine.is_sleeping(), ENGINE_PROBE_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(
+                f"the engine core has not answered for {ENGINE_PROBE_TIMEOUT_S:.0f} s: it is hung"
+            ) from None
 
     async def running_requests(self) -> int:
         """Requests the engine holds (for tests and operators: aborts must bring this to 0)."""

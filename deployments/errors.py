@@ -46,6 +46,16 @@ class EngineUnavailable(Exception):
     """No engine replica can take the request now (dead, restarting or still loading)."""
 
 
+class RequestTimeout(Exception):
+    """REQUEST_TIMEOUT passed before the request finished (its queue wait and generation together);
+    the engine aborts it."""
+
+
+class ReaderStalled(RequestTimeout):
+    """A stream's client stopped reading (STREAM_STALL_TIMEOUT) or fell STREAM_BUFFER_BYTES behind:
+    the request is aborted and its slot freed, rather than its output piling up in the router."""
+
+
 def _engine_failures() -> tuple[type[BaseException], ...]:
     import ray.exceptions
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -70,6 +80,8 @@ def status_for(exc: BaseException) -> tuple[HTTPStatus, str]:
         }.get(exc.status, "BadRequestError")
     if isinstance(exc, Overloaded):
         return HTTPStatus.TOO_MANY_REQUESTS, "RateLimitError"
+    if isinstance(exc, RequestTimeout):
+        return HTTPStatus.GATEWAY_TIMEOUT, "TimeoutError"
     if isinstance(exc, _engine_failures()):
         return HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"
     return HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"

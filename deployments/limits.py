@@ -20,6 +20,7 @@ class RequestLimits:
     max_n: int
     max_messages: int
     max_model_len: int | None
+    max_sequences: int = 1024
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -29,6 +30,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise ClientError("the request body is not UTF-8", "body") from None
     except ValueError as exc:
         raise ClientError(f"the request body is not valid JSON: {exc}", "body") from None
+    except RecursionError:
+        # `[[[[...` a few thousand deep: the parser's own depth limit, a client's mistake (not a 500).
+        raise ClientError("the request body nests JSON too deeply", "body") from None
     if not isinstance(payload, dict):
         raise ClientError("the request body must be a JSON object", "body")
     return payload
@@ -48,6 +52,35 @@ def _int_field(payload: dict[str, Any], name: str) -> int | None:
 CONVERSATION_INPUT_ROUTES = frozenset({"/v1/responses"})
 
 
+# Fields that carry a batch of inputs, each generating (or pooled) on its own: a list of prompts,
+# of texts to embed, of queries and documents to score (pairs are 1:N or N:N, so the longer list).
+BATCH_FIELDS = ("prompt", "input", "queries", "documents", "items", "text_1", "text_2", "data_1", "data_2")
+
+
+def _batch_size(value: Any) -> int:
+    """How many inputs a batch field holds: a string or one prompt's token ids is one."""
+    if isinstance(value, list) and value and not all(isinstance(item, int) for item in value):
+        return len(value)
+    return 1
+
+
+def sequences_asked(payload: dict[str, Any], route: str) -> tuple[int, str]:
+    """One request's fan-out, inputs x n x best_of, and the field that multiplies it most."""
+    inputs, param = 1, "n"
+    for name in BATCH_FIELDS:
+        if name == "input" and route in CONVERSATION_INPUT_ROUTES:
+            continue  # a conversation, one input
+        size = _batch_size(payload.get(name))
+        if size > inputs:
+            inputs, param = size, name
+    per_input = 1
+    for name in ("n", "best_of"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > per_input:
+            per_input = value
+    return inputs * per_input, param
+
+
 def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields: frozenset[str] = frozenset(),
                   route: str = "") -> None:
     """Limits on a chat, completion or responses request body (vLLM's own validation runs after these).
@@ -65,6 +98,12 @@ def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields:
         # An OpenAI field vLLM 0.32's server no longer has (it would ignore it silently).
         raise ClientError(
             "`best_of` is not supported on this route by vLLM 0.32; RunPod native jobs support it", "best_of"
+        )
+    sequences, param = sequences_asked(payload, route)
+    if sequences > limits.max_sequences:
+        raise ClientError(
+            f"the request asks for {sequences} sequences (inputs x n x best_of); at most {limits.max_sequences} "
+            "(MAX_SEQUENCES_PER_REQUEST)", param,
         )
     messages = payload.get("messages")
     if isinstance(messages, list):

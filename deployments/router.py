@@ -25,6 +25,8 @@ from configs.settings import Settings
 from deployments.errors import (
     EngineUnavailable,
     NotFound,
+    ReaderStalled,
+    RequestTimeout,
     Unauthorized,
     anthropic_envelope,
     as_anthropic_error,
@@ -35,6 +37,7 @@ from deployments.errors import (
 )
 from deployments.limiter import AdmissionLimiter
 from deployments.limits import RequestLimits, check_request, check_size, parse_body
+from deployments.media_guard import MediaPolicy, check_media
 from deployments.native import (
     GenerationFailed,
     NativeAssembler,
@@ -54,7 +57,7 @@ from deployments.stream_channel import ChanneledStream, StreamInbox
 logger = logging.getLogger("ray.serve")
 
 HEALTH_TIMEOUT_S = 5.0
-# How long a non-generation call (models) waits for an engine before answering 503: a load
+# How long a call without a body (models) waits for an engine before answering 503: a load
 # balancer's readiness probe must get an answer, not a hang, while the engine loads.
 READ_TIMEOUT_S = 10.0
 REQUEST_ID_HEADER = "x-request-id"
@@ -136,7 +139,7 @@ class Router:
         # Configured handle methods are built once, not per request.
         self._engine_http = engine.options(stream=True, **HANDLE_SERIALIZATION).http
         # Streamed bodies come back through this replica's channel (deployments.stream_channel).
-        self._inbox = StreamInbox(ray.util.get_node_ip_address())
+        self._inbox = StreamInbox(ray.util.get_node_ip_address(), settings.STREAM_BUFFER_BYTES)
         self._engine_health = engine.check_health
         self._engine_was_ready = False  # /ping: "initializing" until an engine first answers
         self._settings = settings
@@ -150,7 +153,12 @@ class Router:
         # as they would for the engine anyway.
         self._request_fields = SharedFetch(self._engine.request_fields.remote).get
         self._limits = RequestLimits(
-            settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN
+            settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN,
+            settings.MAX_SEQUENCES_PER_REQUEST,
+        )
+        self._media_policy = MediaPolicy(
+            frozenset(settings.allowed_media_domains),
+            allow_files="--allowed-local-media-path" in settings.engine_cli_overrides,
         )
         self._observer = RequestObserver(
             settings.LOG_FORMAT, RouterMetrics(serve.get_replica_context().app_name), self._limiter
@@ -199,30 +207,30 @@ class Router:
     @app.get("/v1/models")
     @app.get("/openai/v1/models")
     async def models(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/models", generation=False)
+        return await self._forward(request, "/v1/models")
 
     @app.post("/v1/chat/completions")
     @app.post("/openai/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/chat/completions", generation=True)
+        return await self._forward(request, "/v1/chat/completions")
 
     @app.post("/v1/completions")
     @app.post("/openai/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/completions", generation=True)
+        return await self._forward(request, "/v1/completions")
 
     @app.post("/v1/responses")
     @app.post("/openai/v1/responses")
     async def responses(self, request: Request) -> Response:
         # Stateless, as vLLM runs it by default: `store` is ignored, so there is nothing to GET later.
-        return await self._forward(request, "/v1/responses", generation=True)
+        return await self._forward(request, "/v1/responses")
 
     @app.post("/v1/embeddings")
     @app.post("/openai/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
         # Served when the model runs as a pooling model (vLLM picks that for embedding models;
         # RUNNER=pooling CONVERT=embed for others); otherwise the engine answers a 404 envelope.
-        return await self._forward(request, "/v1/embeddings", generation=True)
+        return await self._forward(request, "/v1/embeddings")
 
     @app.post("/score")
     @app.post("/v1/score")
@@ -230,7 +238,7 @@ class Router:
     async def score(self, request: Request) -> Response:
         # vLLM's scoring API, for pooling models: an embedding model scores pairs by the cosine of
         # their embeddings, a cross-encoder (a classification model with one label) reads each pair.
-        return await self._forward(request, "/score", generation=True)
+        return await self._forward(request, "/score")
 
     @app.post("/rerank")
     @app.post("/v1/rerank")
@@ -238,45 +246,45 @@ class Router:
     @app.post("/openai/v1/rerank")
     async def rerank(self, request: Request) -> Response:
         # Jina's and Cohere's rerank shape (a query and its documents), on the same scoring.
-        return await self._forward(request, "/rerank", generation=True)
+        return await self._forward(request, "/rerank")
 
     @app.post("/classify")
     async def classify(self, request: Request) -> Response:
-        return await self._forward(request, "/classify", generation=True)
+        return await self._forward(request, "/classify")
 
     @app.post("/pooling")
     async def pooling(self, request: Request) -> Response:
         # The pooling model's raw output (embeddings, class scores, per-token outputs).
-        return await self._forward(request, "/pooling", generation=True)
+        return await self._forward(request, "/pooling")
 
     @app.post("/v1/messages")
     @app.post("/openai/v1/messages")
     async def messages(self, request: Request) -> Response:
         # Anthropic's Messages API, as `vllm serve` has it (Claude-style clients and agents); its
         # failures, ours and the engine's, come in Anthropic's error envelope.
-        return await self._forward(request, "/v1/messages", generation=True)
+        return await self._forward(request, "/v1/messages")
 
     @app.post("/v1/messages/count_tokens")
     @app.post("/openai/v1/messages/count_tokens")
     async def count_message_tokens(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/messages/count_tokens", generation=False)
+        return await self._forward(request, "/v1/messages/count_tokens")
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
-        return await self._forward(request, "/tokenize", generation=False)
+        return await self._forward(request, "/tokenize")
 
     @app.post("/detokenize")
     async def detokenize(self, request: Request) -> Response:
-        return await self._forward(request, "/detokenize", generation=False)
+        return await self._forward(request, "/detokenize")
 
     # Last of the routes: a request's path is matched against the routes in order, and this one's
-    # pattern needn't cost the generation routes anything.
+    # pattern needn't cost the other routes anything.
     @app.get("/v1/models/{model:path}")
     @app.get("/openai/v1/models/{model:path}")
     async def model(self, request: Request, model: str) -> Response:
         """One model's card (OpenAI's and Ray Serve LLM's `models.retrieve`; `vllm serve` has only
         the list): the engine's list, filtered here."""
-        listed = await self._forward(request, "/v1/models", generation=False)
+        listed = await self._forward(request, "/v1/models")
         if listed.status_code != 200:
             return listed
         card = model_card(listed.body, model)
@@ -321,13 +329,29 @@ class Router:
     async def _admit(self, path: str, body: bytes) -> None:
         """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
         fields = await self._request_fields()
-        check_request(parse_body(body), self._limits, fields.objects[path], path)
+        payload = parse_body(body)
+        check_request(payload, self._limits, fields.objects[path], path)
+        await check_media(payload, self._media_policy)
         await self._limiter.acquire()
         self._observer.update_gauges()
 
     def _call_engine(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> ChanneledStream:
         """One call to the engine deployment: its head through Serve, a streamed body through the channel."""
         return ChanneledStream(self._inbox, self._engine_http, method, path, headers, body)
+
+    def _deadline(self) -> float:
+        """When a request arriving now must have finished (REQUEST_TIMEOUT), on the loop's clock."""
+        return asyncio.get_running_loop().time() + self._settings.REQUEST_TIMEOUT
+
+    def _timeout(self) -> RequestTimeout:
+        return RequestTimeout(
+            f"The request did not finish within REQUEST_TIMEOUT ({self._settings.REQUEST_TIMEOUT:g} s) and was "
+            "aborted; retry it, or ask for fewer tokens."
+        )
+
+    def _timed_out(self, exc: BaseException, timer: asyncio.Timeout) -> BaseException:
+        """The deadline's TimeoutError as a RequestTimeout (504); any other failure as it is."""
+        return self._timeout() if isinstance(exc, TimeoutError) and timer.expired() else exc
 
     def _fail(self, exc: BaseException, record: RequestRecord, anthropic: bool = False) -> JSONResponse:
         response = error_response(exc, record.request_id, anthropic)
@@ -337,33 +361,41 @@ class Router:
         self._observer.finish(record)
         return response
 
-    async def _forward(self, request: Request, path: str, *, generation: bool) -> Response:
+    async def _forward(self, request: Request, path: str) -> Response:
         record = RequestRecord(current_request_id(request), path)
         anthropic = path in ANTHROPIC_ROUTES
-        admitted = generation
+        # Every request with a body (generation, pooling, tokenizing) is checked and takes a
+        # MAX_CONCURRENCY slot: each of them costs the engine work; a GET of the model list doesn't.
+        admitted = request.method == "POST"
+        deadline = self._deadline()
+        timer = asyncio.timeout_at(deadline)
         try:
-            self._authorize(request.headers)
-            body = await self._read_body(request)
-            if admitted:
-                await self._admit(path, body)
+            async with timer:
+                self._authorize(request.headers)
+                body = await self._read_body(request)
+                if admitted:
+                    await self._admit(path, body)
         except Exception as exc:
-            return self._fail(exc, record, anthropic)
+            return self._fail(self._timed_out(exc, timer), record, anthropic)
         headers = [
             ("content-type", request.headers.get("content-type", "application/json")),
             (REQUEST_ID_HEADER, record.request_id),
         ]
+        timer = asyncio.timeout_at(deadline)
+        stream = self._call_engine(request.method, path, headers, body)
         try:
-            stream = self._call_engine(request.method, path, headers, body)
-            first = stream.__anext__()
-            status, engine_headers, first_part, more = await (
-                first if admitted else asyncio.wait_for(first, READ_TIMEOUT_S)
-            )
+            async with timer:
+                first = stream.__anext__()
+                status, engine_headers, first_part, more = await (
+                    first if admitted else asyncio.wait_for(first, READ_TIMEOUT_S)
+                )
         except BaseException as exc:
+            stream.cancel()  # whatever it got to: its engine call and its channel stream end here
             if admitted:
                 self._limiter.release()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return self._fail(exc, record, anthropic)
+            return self._fail(self._timed_out(exc, timer), record, anthropic)
         record.status = status
         record.saw_first_byte()
         engine_headers = dict(engine_headers)
@@ -377,36 +409,70 @@ class Router:
             if anthropic and status >= 400:
                 first_part, media_type = as_anthropic_error(status, first_part), "application/json"
             return Response(first_part, status_code=status, media_type=media_type, headers=response_headers)
+        # Past the deadline the stream's call is cancelled (vLLM aborts the request) and its reader
+        # gets the 504 as the stream's error event.
+        watchdog = asyncio.get_running_loop().call_at(deadline, stream.expire, self._timeout())
         return StreamingResponse(
-            self._relay(stream, first_part, record, admitted, anthropic),
+            self._relay(stream, first_part, record, admitted, anthropic, watchdog),
             status_code=status,
             media_type="text/event-stream",
             headers=response_headers,
         )
 
     async def _relay(self, stream: Any, first_part: bytes, record: RequestRecord, admitted: bool,
-                     anthropic: bool) -> AsyncIterator[bytes]:
+                     anthropic: bool, watchdog: asyncio.TimerHandle) -> AsyncIterator[bytes]:
         """Passes the engine's SSE bytes through; a failure mid-stream becomes an SSE error event."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if admitted and not released:
+                released = True
+                self._limiter.release()
+
+        def stalled() -> None:
+            # The client read nothing for STREAM_STALL_TIMEOUT: the write to it is stuck, so this
+            # relay can't get on to its `finally`. Abort the request, free its slot now, and end
+            # the response (the task writing it is cancelled; the client gets a cut-off stream).
+            logger.warning("stream %s aborted: its client read nothing for %g s (STREAM_STALL_TIMEOUT)",
+                           record.request_id, self._settings.STREAM_STALL_TIMEOUT)
+            record.status = error_body(ReaderStalled(""))[0]
+            stream.cancel()
+            release()
+            task.cancel()
+
+        task = asyncio.current_task()
+        assert task is not None
+        guard = StallGuard(self._settings.STREAM_STALL_TIMEOUT, stalled)
         try:
             async for part in _whole_stream(first_part, stream, record.route):
                 record.count_stream_part(part)
+                guard.writing()
                 yield part
+                guard.written()
         except Exception as exc:
             logger.warning("stream %s failed: %s: %s", record.request_id, type(exc).__name__, exc)
             record.status = error_body(exc)[0]
             yield sse_error_event(exc, anthropic)
         finally:
             # Client gone or stream done: cancelling the handle call aborts the request in the engine.
+            guard.stop()
+            watchdog.cancel()
             stream.cancel()
-            if admitted:
-                self._limiter.release()
+            release()
             self._observer.finish(record)
+
+    async def admission(self) -> dict[str, int]:
+        """This replica's limiter (for operators and tests): requests in flight, queued, and the limit."""
+        return {"in_flight": self._limiter.in_flight, "queued": self._limiter.queued, "limit": self._limiter.limit}
 
     # --- RunPod jobs (called through this deployment's handle by the RunPod worker) ----------------
     async def native(self, job_input: Any, job_id: str) -> AsyncIterator[Any]:
         """One RunPod job: worker-vllm's native input or an openai_route job. Yields worker-vllm's
         output shapes; a failure is one final `{"error": message}` (the worker marks the job FAILED)."""
         record = RequestRecord(job_id, "runpod")
+        deadline = self._deadline()
+        timer = asyncio.timeout_at(deadline)
         try:
             fields = await self._request_fields()
             job = normalize_job(
@@ -422,18 +488,24 @@ class Router:
             if admitted:
                 check_size(len(json.dumps(job.body)), self._limits)
                 check_request(job.body, self._limits, fields.objects[job.route], job.route)
-                await self._limiter.acquire()
+                await check_media(job.body, self._media_policy)
+                async with timer:
+                    await self._limiter.acquire()
         except Exception as exc:
+            exc = self._timed_out(exc, timer)
             self._fail(exc, record)
             yield {"error": error_body(exc)[1]["error"]["message"]}
             return
-        stream = None
+        stream = watchdog = None
         record.status = 200
+        timer = asyncio.timeout_at(deadline)
         try:
             body = json.dumps(job.body).encode() if job.body is not None else b""
             headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, job_id)]
             stream = self._call_engine(job.method, job.route, headers, body)
-            status, _, first_part, more = await stream.__anext__()
+            async with timer:
+                status, _, first_part, more = await stream.__anext__()
+            watchdog = asyncio.get_running_loop().call_at(deadline, stream.expire, self._timeout())
             record.status = status
             record.saw_first_byte()
             if status >= 400:
@@ -454,15 +526,54 @@ class Router:
             record.status = 500
             yield {"error": str(exc)}
         except Exception as exc:
+            exc = self._timed_out(exc, timer)
             logger.warning("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
             record.status = error_body(exc)[0]
             yield {"error": error_body(exc)[1]["error"]["message"]}
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if stream is not None:
                 stream.cancel()
             if admitted:
                 self._limiter.release()
             self._observer.finish(record)
+
+
+class StallGuard:
+    """Calls `on_stall` when one write to a stream's client has waited `timeout_s` (the client
+    stopped reading). Per part it only notes the time; a timer looks every quarter of the timeout."""
+
+    __slots__ = ("_timeout_s", "_on_stall", "_writing_since", "_timer", "_loop")
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[], None]) -> None:
+        self._timeout_s = timeout_s
+        self._on_stall = on_stall
+        self._writing_since: float | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(self._interval(), self._check)
+
+    def _interval(self) -> float:
+        return max(0.05, self._timeout_s / 4)
+
+    def writing(self) -> None:
+        self._writing_since = self._loop.time()
+
+    def written(self) -> None:
+        self._writing_since = None
+
+    def _check(self) -> None:
+        since = self._writing_since
+        if since is not None and self._loop.time() - since >= self._timeout_s:
+            self._timer = None
+            self._on_stall()
+            return
+        self._timer = self._loop.call_later(self._interval(), self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def model_card(model_list: bytes, model_id: str) -> bytes | None:

@@ -30,7 +30,7 @@ from functools import partial
 from typing import Any
 
 from deployments.asgi_bridge import ResponseHead
-from deployments.errors import EngineUnavailable
+from deployments.errors import EngineUnavailable, ReaderStalled
 from deployments.shared_fetch import SharedFetch
 
 RECORD_HEADER = struct.Struct("!QI")
@@ -65,13 +65,15 @@ class ChannelBroken(EngineUnavailable):
 class _StreamQueue:
     """The parts of one stream, in order, and then its end (a BodyEnd or an exception)."""
 
-    __slots__ = ("items", "waiter", "carrier")
+    __slots__ = ("items", "waiter", "carrier", "buffered", "abort")
 
     def __init__(self) -> None:
         self.items: deque[Any] = deque()
         self.waiter: asyncio.Future[None] | None = None
         # The connection its parts came on: the stream can't end well once that one closes.
         self.carrier: _InboxConnection | None = None
+        self.buffered = 0  # bytes of parts not yet read
+        self.abort: Any = None  # cancels the stream's engine call (set once the call is made)
 
     def put(self, item: Any) -> None:
         self.items.append(item)
@@ -86,15 +88,21 @@ class _StreamQueue:
                 await self.waiter
             finally:
                 self.waiter = None
-        return self.items.popleft()
+        item = self.items.popleft()
+        if type(item) is bytes:
+            self.buffered -= len(item)
+        return item
 
 
 class StreamInbox:
     """Router side: a server on the node's address that engine replicas connect to, and the streams
     waiting for their parts. Started on first use (the router's constructor has no event loop)."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, max_buffered: int = 4 << 20) -> None:
         self._host = host
+        # Bytes of one stream's parts its reader may leave unread (STREAM_BUFFER_BYTES): past that
+        # the stream is aborted, so a client that stops reading can't pile its output up here.
+        self._max_buffered = max_buffered
         self._token = secrets.token_bytes(TOKEN_BYTES)
         self._streams: dict[int, _StreamQueue] = {}
         self._next_id = 0
@@ -121,6 +129,18 @@ class StreamInbox:
         if queue is None:  # the stream was closed (client left): its late parts are dropped
             return False
         queue.carrier = carrier
+        queue.buffered += len(part)
+        if queue.buffered > self._max_buffered:
+            # Its reader fell too far behind: the stream ends after what it holds, later parts are
+            # dropped, and the engine stops generating them.
+            self.close(stream_id)
+            queue.put(ReaderStalled(
+                f"The client fell more than {self._max_buffered} bytes behind the stream (STREAM_BUFFER_BYTES); "
+                "the request was aborted."
+            ))
+            if queue.abort is not None:
+                queue.abort()
+            return False
         queue.put(part)
         return True
 
@@ -241,6 +261,7 @@ class ChanneledStream:
             raise
         if head[3]:  # more parts follow: the call's last item says how many
             self._end_task = asyncio.ensure_future(self._await_end(self._queue))
+            self._queue.abort = self._cancel_call
         else:
             self._close()
         return head
@@ -262,13 +283,24 @@ class ChanneledStream:
             self._inbox.close(self._reply_to.stream_id)
         self._queue = None
 
-    def cancel(self) -> None:
-        """The client left or the stream ended: the call is cancelled (vLLM aborts the request)."""
-        self._cancelled = True
+    def _cancel_call(self) -> None:
         if self._call is not None:
             self._call.cancel()
         if self._end_task is not None and not self._end_task.done():
             self._end_task.cancel()
+
+    def expire(self, exc: BaseException) -> None:
+        """A deadline passed: the call is cancelled (vLLM aborts the request), and the reader gets
+        `exc` after the parts that already arrived."""
+        queue = self._queue
+        self._cancel_call()
+        if queue is not None:
+            queue.put(exc)
+
+    def cancel(self) -> None:
+        """The client left or the stream ended: the call is cancelled (vLLM aborts the request)."""
+        self._cancelled = True
+        self._cancel_call()
         self._close()
 
 

@@ -76,4 +76,10 @@ def tiny_app(apps: TestApps, tiny_model: Path):
         "MAX_MODEL_LEN": 512,
         "MAX_CONCURRENCY": 32,
         "MAX_QUEUED_REQUESTS": 32,
+        # Far above any of its requests (the tiny model writes 480 tokens in well under a second);
+        # test_faults_tiny hangs the engine and waits this out.
+        "REQUEST_TIMEOUT": 20,
+        # test_faults_tiny leaves streams unread: a small buffer and stall time keep that test short.
+        "STREAM_BUFFER_BYTES": 256 * 1024,
+        "STREAM_STALL_TIMEOUT": 5,
     })

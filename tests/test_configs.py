@@ -479,9 +479,24 @@ def test_the_app_builders_settings_do_not_import_vllm():
 
 
 def test_api_key_comma_list_becomes_api_keys():
-    s = load({"API_KEY": "alpha, beta,,gamma ,"})
+    s = load({"API_KEY": "alpha, beta,gamma "})
     assert s.api_keys == ("alpha", "beta", "gamma")
     assert load({"API_KEY": "single"}).api_keys == ("single",)
+
+
+@pytest.mark.parametrize("value", [",", "alpha,", "alpha,,beta", " , ", ",alpha"])
+def test_an_empty_api_key_stops_start_up(value):
+    """A stray comma must not leave the API open (or keyed with fewer keys than meant)."""
+    message = load_error({"API_KEY": value})
+    assert "API_KEY" in message and "empty key" in message
+
+
+@pytest.mark.parametrize("value", [12345, ["sk-list-secret", "b"], {"key": "sk-dict-secret"}, 3.5])
+def test_a_non_string_secret_in_serve_args_is_an_error_that_never_echoes_it(value):
+    for name in ("API_KEY", "HF_TOKEN"):
+        message = load_error({}, {name.lower(): value})
+        assert name in message and "value not shown" in message
+        assert str(value) not in message and "secret" not in message.replace("value not shown", "")
 
 
 def test_api_key_is_secret():

@@ -203,3 +203,12 @@ def test_anthropic_sse_error_event_is_one_error_event():
     event = sse_error_event(EngineUnavailable("gone"), anthropic=True)
     assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n") and event.count(b"\n\n") == 1
     assert json.loads(event.split(b"data: ", 1)[1]) == anthropic_envelope("gone", 503)
+
+
+def test_a_request_past_its_deadline_is_a_504():
+    from deployments.errors import RequestTimeout
+
+    status, body = error_body(RequestTimeout("did not finish within REQUEST_TIMEOUT (5 s)"))
+    assert status == 504
+    assert body["error"]["type"] == "TimeoutError" and "REQUEST_TIMEOUT" in body["error"]["message"]
+    assert error_body(RequestTimeout("x"), anthropic=True)[1]["error"]["type"] == "timeout_error"

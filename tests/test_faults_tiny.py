@@ -4,7 +4,10 @@ reads, callers see errors (never a hang), and the service recovers by itself."""
 from __future__ import annotations
 
 import concurrent.futures as futures
+import json
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,7 @@ import pytest
 from ray import serve
 
 from deployments.process_title import ANCHOR
+from tests.apps import SERVE_PORT
 from tests.faults import (
     drain,
     engine_process_pid,
@@ -35,6 +39,16 @@ def engine_running(app) -> int:
     return serve.get_deployment_handle("EngineServer", app.name).running_requests.remote().result()
 
 
+def served_by_another_replica(app, replica: str) -> bool:
+    """A request succeeds, answered by an engine replica other than `replica` (its replacement)."""
+    try:
+        r = httpx.post(f"{app.base_url}/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "fox", "max_tokens": 2})
+        return r.status_code == 200 and r.headers.get("x-engine-replica") != replica
+    except httpx.HTTPError:
+        return False
+
+
 def test_stream_lines_split_only_where_sse_does():
     """A token's text may hold U+0085 or U+2028 raw inside the JSON; httpx's iter_lines() would cut the
     event there (it follows str.splitlines) and the fault tests' JSON parse would fail for no fault."""
@@ -51,6 +65,60 @@ def test_client_disconnect_aborts_the_request_in_the_engine(app):
     client.close()
     aborted_in = wait_until(lambda: engine_running(app) == 0, timeout=5, interval=0.1)
     print(f"\n[faults] disconnect -> engine abort in {aborted_in:.2f} s")
+
+
+def unread_stream(app, body: dict) -> socket.socket:
+    """A streaming request whose client never reads a byte of the answer (a tiny receive buffer)."""
+    payload = json.dumps(body).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", SERVE_PORT))
+    sock.sendall(f"POST /{app.name}/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def test_streams_nobody_reads_cost_bounded_memory_and_give_their_slots_back(app):
+    """16 streams whose clients never read, each asking for ~12 MB of output (n=128 x 480 tokens):
+    the router's memory stays bounded, the engine aborts them, their slots come back, and other
+    clients are served meanwhile. On this box the sockets' buffers (a few MB per connection on
+    loopback) take in what the tiny model writes before REQUEST_TIMEOUT, which is then what ends
+    them; STREAM_BUFFER_BYTES and STREAM_STALL_TIMEOUT are exercised over real sockets in
+    test_stream_channel_unit and test_router_unit."""
+    settings = app.settings
+    (router,) = replica_ids(app.name, "Router")
+    router_process = replica_process(app.name, router, "Router")
+    rss_before = router_process.memory_info().rss
+    body = {"model": "tiny", "prompt": "fox", "max_tokens": 480, "ignore_eos": True, "n": 128, "stream": True}
+    sockets = [unread_stream(app, body) for _ in range(16)]
+    try:
+        peak = rss_before
+
+        def aborted() -> bool:
+            nonlocal peak
+            peak = max(peak, router_process.memory_info().rss)
+            return engine_running(app) == 0
+
+        wait_until(lambda: engine_running(app) > 0, timeout=30, interval=0.1)
+        aborted_in = wait_until(aborted, timeout=60, interval=0.2)
+        admission = app.router().admission
+        # The unread streams still hold their connections and slots: other clients are served.
+        assert admission.remote().result()["in_flight"] > 0
+        served = httpx.post(f"{app.base_url}/v1/completions", timeout=60,
+                            json={"model": "tiny", "prompt": "fox", "max_tokens": 4})
+        assert served.status_code == 200, served.text
+        freed_in = wait_until(lambda: admission.remote().result()["in_flight"] == 0,
+                              timeout=settings.STREAM_STALL_TIMEOUT * 1.25 + 15, interval=0.5)
+    finally:
+        for sock in sockets:
+            sock.close()
+    growth_mib = (peak - rss_before) / 2**20
+    bound_mib = 16 * settings.STREAM_BUFFER_BYTES / 2**20 + 32
+    print(f"\n[faults] 16 unread streams: engine aborted them in {aborted_in:.1f} s, slots back in "
+          f"{aborted_in + freed_in:.1f} s, router RSS +{growth_mib:.1f} MiB (bound {bound_mib:.0f})")
+    assert growth_mib < bound_mib
+    assert httpx.post(f"{app.base_url}/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "fox", "max_tokens": 4}).status_code == 200
 
 
 def test_engine_core_is_forked_from_a_preloaded_fork_server_with_the_replica_environment(app):
@@ -99,15 +167,45 @@ def test_engine_process_death_fails_in_flight_requests_and_the_app_recovers(app)
                         json={"model": "tiny", "prompt": "fox", "max_tokens": 2})
     assert during.status_code in (200, 503), during.text
 
-    def serves() -> bool:
-        try:
-            r = httpx.post(f"{app.base_url}/v1/completions", timeout=30,
-                           json={"model": "tiny", "prompt": "fox", "max_tokens": 2})
-            return r.status_code == 200 and r.headers.get("x-engine-replica") != replica
-        except httpx.HTTPError:
-            return False
-
-    recovered_in = wait_until(serves, timeout=240, interval=2)
+    recovered_in = wait_until(lambda: served_by_another_replica(app, replica), timeout=240, interval=2)
     print(f"\n[faults] engine process killed: stream ended in {ended_in:.1f} s, "
           f"service recovered in {recovered_in + ended_in:.0f} s")
     assert httpx.get(f"{app.base_url}/health", timeout=10).status_code == 200
+
+
+def test_a_hung_engine_ends_requests_with_504_turns_unhealthy_and_is_replaced(app):
+    """The engine core stops (SIGSTOP) without dying: requests end with a 504 at REQUEST_TIMEOUT
+    (their calls cancelled, as a disconnect's are: vLLM aborts them); /health says 503 at once;
+    Serve's health check (the engine core must answer a probe within 20 s) has the replica
+    replaced; the new one serves."""
+    timeout = app.settings.REQUEST_TIMEOUT
+    (replica,) = replica_ids(app.name)
+    core = psutil.Process(engine_process_pid(app.name, replica))
+    health = f"{app.base_url}/health"
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "fox"}], "max_tokens": 8}
+    core.suspend()
+    try:
+        stopped_at = time.monotonic()
+        with futures.ThreadPoolExecutor(3) as pool:
+            streamed = pool.submit(httpx.post, f"{app.base_url}/v1/chat/completions", timeout=timeout + 60,
+                                   json={**chat, "stream": True})
+            whole = pool.submit(httpx.post, f"{app.base_url}/v1/chat/completions", timeout=timeout + 60, json=chat)
+            job = pool.submit(lambda: list(app.router().options(stream=True).native.remote(
+                {"prompt": "fox", "sampling_params": {"max_tokens": 8}}, uuid.uuid4().hex)))
+            unhealthy_in = wait_until(lambda: httpx.get(health, timeout=30).status_code == 503, timeout=15)
+            for response in (streamed.result(), whole.result()):
+                assert response.status_code == 504, response.text
+                error = response.json()["error"]
+                assert error["code"] == 504 and "REQUEST_TIMEOUT" in error["message"]
+            [output] = job.result()
+            assert "REQUEST_TIMEOUT" in output["error"]
+            ended_in = time.monotonic() - stopped_at
+        assert timeout - 1 <= ended_in < timeout + 10
+
+        recovered_in = wait_until(lambda: served_by_another_replica(app, replica), timeout=300, interval=2)
+    finally:
+        if core.is_running():  # Serve's replacement of the replica usually took it along
+            core.kill()  # a stopped process takes SIGKILL; it would otherwise hold its memory
+    print(f"\n[faults] engine hung: /health 503 in {unhealthy_in:.1f} s, requests 504 in {ended_in:.1f} s, "
+          f"replaced and serving in {recovered_in + ended_in:.0f} s")
+    assert httpx.get(health, timeout=10).status_code == 200

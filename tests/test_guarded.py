@@ -37,6 +37,7 @@ def app(apps: TestApps, tiny_model):
         "MAX_QUEUED_REQUESTS": 4,
         "API_KEY": ",".join(KEYS),
         "MAX_N": 4,
+        "MAX_SEQUENCES_PER_REQUEST": 8,
         "MAX_MESSAGES": 8,
         "MAX_REQUEST_BYTES": 4096,
         "LOG_FORMAT": "json",
@@ -183,66 +184,124 @@ def test_over_the_limit_requests_get_a_fast_429_and_accepted_ones_complete(app):
         assert usage and usage["completion_tokens"] == 300
 
 
+# Every route with a body, with a valid body: each takes a MAX_CONCURRENCY slot.
+ADMITTED_ROUTES = {
+    "/v1/chat/completions": chat_body(),
+    "/v1/completions": {"model": "tiny", "prompt": "fox", "max_tokens": 2},
+    "/v1/responses": {"model": "tiny", "input": "fox", "max_output_tokens": 2},
+    "/tokenize": {"model": "tiny", "prompt": "fox"},
+    "/detokenize": {"model": "tiny", "tokens": [5, 6]},
+    "/v1/messages/count_tokens": {"model": "tiny", "messages": [{"role": "user", "content": "fox"}]},
+    "/v1/messages": {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "fox"}]},
+    "/v1/embeddings": {"model": "tiny", "input": "fox"},
+    "/score": {"model": "tiny", "text_1": "fox", "text_2": ["dog"]},
+    "/rerank": {"model": "tiny", "query": "fox", "documents": ["dog"]},
+}
+
+
+def test_a_flood_of_any_route_gets_a_fast_429_while_the_slots_are_taken(app):
+    """With every slot and queue place held (both engine cores stopped under admitted requests),
+    each route, tokenizing and counting included, is refused at once with a 429; once the engines
+    run again the held requests complete and every route serves."""
+    cores = [psutil.Process(p.pid) for replica in replica_ids(APP)
+             for p in replica_process(APP, replica).children(recursive=True) if p.cmdline()[:1] == ["VLLM::EngineCore"]]
+    assert len(cores) == 2
+    for core in cores:
+        core.suspend()
+    try:
+        with futures.ThreadPoolExecutor(8) as pool:
+            held = [pool.submit(post, app, "/v1/chat/completions", chat_body()) for _ in range(8)]  # 4 + 4 queued
+            time.sleep(2)
+            assert not any(f.done() for f in held), [f.result().text for f in held if f.done()]
+            for route, body in ADMITTED_ROUTES.items():
+                started = time.monotonic()
+                response = post(app, route, body)
+                elapsed = time.monotonic() - started
+                assert response.status_code == 429, (route, response.status_code, response.text)
+                assert elapsed < 1.0 and response.headers["retry-after"], route
+                error = response.json()["error"]
+                assert error["type"] in ("RateLimitError", "rate_limit_error"), (route, error)
+            for core in cores:
+                core.resume()
+            assert [f.result().status_code for f in held] == [200] * 8
+    finally:
+        for core in cores:
+            if core.is_running():
+                core.resume()
+    for route, body in ADMITTED_ROUTES.items():
+        # A generating model answers the pooling routes with a 404 envelope (after taking its slot).
+        assert post(app, route, body).status_code in (200, 404), route
+
+
 # --- bad input ------------------------------------------------------------------------------------------
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+# Each bad request with the status and `param` its envelope must carry: ours where the router
+# checks it, vLLM's (what `vllm serve` answers, its pydantic locations included) where the engine does.
 BAD_HTTP = [
-    ("/v1/chat/completions", b"{not json", "application/json"),
-    ("/v1/chat/completions", b"", "application/json"),
-    ("/v1/chat/completions", b"[]", "application/json"),
-    ("/v1/chat/completions", b"null", "application/json"),
-    ("/v1/chat/completions", b'"text"', "application/json"),
-    ("/v1/chat/completions", b"\xff\xfe\x00garbage", "application/json"),
-    ("/v1/chat/completions", json.dumps(chat_body()).encode(), "text/plain"),
-    ("/v1/chat/completions", json.dumps(chat_body()).encode() + b" " * 5000, "application/json"),
-    ("/v1/completions", b"{bad", "application/json"),
-    ("/v1/completions", b"x" * 10000, "application/json"),
+    ("/v1/chat/completions", b"{not json", "application/json", 400, "body"),
+    ("/v1/chat/completions", b"", "application/json", 400, "body"),
+    ("/v1/chat/completions", b"[]", "application/json", 400, "body"),
+    ("/v1/chat/completions", b"null", "application/json", 400, "body"),
+    ("/v1/chat/completions", b'"text"', "application/json", 400, "body"),
+    ("/v1/chat/completions", b"\xff\xfe\x00garbage", "application/json", 400, "body"),
+    ("/v1/chat/completions", json.dumps(chat_body()).encode(), "text/plain", 400, None),
+    ("/v1/chat/completions", json.dumps(chat_body()).encode() + b" " * 5000, "application/json", 400, "body"),
+    ("/v1/chat/completions", b"[" * 2000 + b"]" * 2000, "application/json", 400, "body"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 1500 + b"]" * 1500 + b"}", "application/json", 400, "body"),
+    ("/tokenize", b"[" * 3000, "application/json", 400, "body"),
+    ("/v1/completions", b"{bad", "application/json", 400, "body"),
+    ("/v1/completions", b"x" * 10000, "application/json", 400, "body"),
 ]
 BAD_CHAT = [
-    {"model": "tiny"},
-    {"model": "tiny", "messages": "hello"},
-    {"model": "tiny", "messages": [{"content": "no role"}]},
-    {"model": "tiny", "messages": [{"role": "", "content": "hi"}]},
-    {"model": "tiny", "messages": [{"role": 7, "content": "hi"}]},
-    {"model": "tiny", "messages": [{"role": "user; DROP TABLE", "content": "hi"}]},
-    {"model": "tiny", "messages": [{"role": "user", "content": 5}]},
-    {"model": "tiny", "messages": [1, 2]},
-    {"model": "tiny", "messages": MESSAGES * 9},
-    {"model": "tiny", "messages": MESSAGES, "n": 0},
-    {"model": "tiny", "messages": MESSAGES, "n": 99},
-    {"model": "tiny", "messages": MESSAGES, "n": "two"},
-    {"model": "tiny", "messages": MESSAGES, "max_tokens": -1},
-    {"model": "tiny", "messages": MESSAGES, "max_tokens": 0},
-    {"model": "tiny", "messages": MESSAGES, "max_tokens": 10**12},
-    {"model": "tiny", "messages": MESSAGES, "max_tokens": "many"},
-    {"model": "tiny", "messages": MESSAGES, "max_tokens": True},
-    {"model": "tiny", "messages": MESSAGES, "max_completion_tokens": 999999},
-    {"model": "tiny", "messages": MESSAGES, "temperature": -3},
-    {"model": "tiny", "messages": MESSAGES, "temperature": "hot"},
-    {"model": "tiny", "messages": MESSAGES, "top_p": 7},
-    {"model": "tiny", "messages": MESSAGES, "top_k": "x"},
-    {"model": "tiny", "messages": MESSAGES, "presence_penalty": 99},
-    {"model": "tiny", "messages": MESSAGES, "frequency_penalty": -99},
-    {"model": "tiny", "messages": MESSAGES, "logprobs": [1]},
-    {"model": "tiny", "messages": MESSAGES, "top_logprobs": -1},
-    {"model": "tiny", "messages": MESSAGES, "stop": 5},
-    {"model": "tiny", "messages": MESSAGES, "stream": "maybe"},
-    {"model": "tiny", "messages": MESSAGES, "response_format": {"type": "nonsense"}},
-    {"model": "tiny", "messages": MESSAGES, "tools": "not a list"},
-    {"model": "tiny", "messages": MESSAGES, "seed": "abc"},
-    {"model": "nope", "messages": MESSAGES},
-    {"model": "tiny", "messages": [{"role": "user", "content": "fox " * 3000}]},
+    ({"model": "tiny"}, 400, "body.messages"),
+    ({"model": "tiny", "messages": "hello"}, 400, "body.messages"),
+    ({"model": "tiny", "messages": [{"content": "no role"}]}, 400, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": 7, "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "user; DROP TABLE", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400,
+     "body.messages.0.ChatCompletionDeveloperMessageParam.content"),
+    ({"model": "tiny", "messages": [1, 2]}, 400, "body.messages.0.ChatCompletionDeveloperMessageParam"),
+    ({"model": "tiny", "messages": MESSAGES * 9}, 400, "messages"),
+    ({"model": "tiny", "messages": MESSAGES, "n": 0}, 400, "n"),
+    ({"model": "tiny", "messages": MESSAGES, "n": 99}, 400, "n"),
+    ({"model": "tiny", "messages": MESSAGES, "n": "two"}, 400, "n"),
+    ({"model": "tiny", "messages": MESSAGES, "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": MESSAGES, "max_tokens": 10**12}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": MESSAGES, "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": MESSAGES, "max_tokens": True}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": MESSAGES, "max_completion_tokens": 999999}, 400, "max_completion_tokens"),
+    ({"model": "tiny", "messages": MESSAGES, "temperature": -3}, 400, "temperature"),
+    ({"model": "tiny", "messages": MESSAGES, "temperature": "hot"}, 400, "body.temperature"),
+    ({"model": "tiny", "messages": MESSAGES, "top_p": 7}, 400, "top_p"),
+    ({"model": "tiny", "messages": MESSAGES, "top_k": "x"}, 400, "body.top_k"),
+    ({"model": "tiny", "messages": MESSAGES, "presence_penalty": 99}, 400, None),
+    ({"model": "tiny", "messages": MESSAGES, "frequency_penalty": -99}, 400, None),
+    ({"model": "tiny", "messages": MESSAGES, "logprobs": [1]}, 400, "body.logprobs"),
+    ({"model": "tiny", "messages": MESSAGES, "top_logprobs": -1}, 400, "top_logprobs"),
+    ({"model": "tiny", "messages": MESSAGES, "stop": 5}, 400, "body.stop"),
+    ({"model": "tiny", "messages": MESSAGES, "stream": "maybe"}, 400, "body.stream"),
+    ({"model": "tiny", "messages": MESSAGES, "response_format": {"type": "nonsense"}}, 400,
+     "body.response_format.type"),
+    ({"model": "tiny", "messages": MESSAGES, "tools": "not a list"}, 400, "body.tools"),
+    ({"model": "tiny", "messages": MESSAGES, "seed": "abc"}, 400, "body.seed"),
+    ({"model": "nope", "messages": MESSAGES}, 404, "model"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "fox " * 3000}]}, 400, "body"),  # MAX_REQUEST_BYTES
 ]
 BAD_COMPLETION = [
-    {"model": "tiny"},
-    {"model": "tiny", "prompt": 3.5},
-    {"model": "tiny", "prompt": "fox", "n": -2},
-    {"model": "tiny", "prompt": "fox", "max_tokens": -7},
-    {"model": "tiny", "prompt": "fox", "logprobs": 99},
-    {"model": "tiny", "prompt": "fox", "echo": "sure"},
-    {"model": "tiny", "prompt": "fox", "best_of": 0},
-    {"model": "tiny", "prompt": "fox " * 3000},
-    {"model": "nope", "prompt": "fox"},
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": 3.5}, 400, "body.prompt"),
+    ({"model": "tiny", "prompt": "fox", "n": -2}, 400, "n"),
+    ({"model": "tiny", "prompt": "fox", "max_tokens": -7}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "fox", "logprobs": 99}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "fox", "echo": "sure"}, 400, "body.echo"),
+    ({"model": "tiny", "prompt": "fox", "best_of": 0}, 400, "best_of"),
+    ({"model": "tiny", "prompt": "fox " * 3000}, 400, "body"),
+    ({"model": "nope", "prompt": "fox"}, 404, "model"),
+    ({"model": "tiny", "prompt": ["fox"] * 9}, 400, "prompt"),  # MAX_SEQUENCES_PER_REQUEST
+    ({"model": "tiny", "prompt": ["fox"] * 3, "n": 3}, 400, "prompt"),
 ]
 BAD_JOBS = [
     ({}, "prompt"), ("text", "input"), ({"prompt": "x", "stream": 1}, "stream"),
@@ -260,7 +319,9 @@ BAD_JOBS = [
 ]
 
 
-def _envelope_problem(response) -> str | None:
+def _envelope_problem(response, status: int, param: str | None) -> str | None:
+    """What is wrong with the answer to a bad request: not a 4xx envelope, or not the status and
+    `param` the case expects."""
     if not 400 <= response.status_code < 500:
         return f"status {response.status_code}: {response.text[:200]}"
     try:
@@ -269,24 +330,28 @@ def _envelope_problem(response) -> str | None:
         return f"no envelope: {response.text[:200]}"
     if set(error) != {"message", "type", "param", "code"} or error["code"] != response.status_code:
         return f"bad envelope: {error}"
+    if (response.status_code, error["param"]) != (status, param):
+        return f"expected {status} param={param!r}, got {response.status_code} param={error['param']!r}: " \
+               f"{error['message'][:120]}"
     return None
 
 
 def test_malformed_corpus_gets_4xx_envelopes_and_service_keeps_serving(app):
     problems, cases = [], 0
-    for path, body, content_type in BAD_HTTP:
+    for path, body, content_type, status, param in BAD_HTTP:
         response = post(app, path, content=body, headers={**AUTH, "content-type": content_type})
-        if problem := _envelope_problem(response):
+        if problem := _envelope_problem(response, status, param):
             problems.append((path, body[:40], problem))
         cases += 1
     for route, bodies in (("/v1/chat/completions", BAD_CHAT), ("/v1/completions", BAD_COMPLETION)):
-        for body in bodies:
-            if problem := _envelope_problem(post(app, route, body)):
+        for body, status, param in bodies:
+            if problem := _envelope_problem(post(app, route, body), status, param):
                 problems.append((route, json.dumps(body)[:120], problem))
             cases += 1
     with httpx.Client(base_url=app.base_url, timeout=30) as http:
-        for method, path in (("GET", "/v1/unknown"), ("DELETE", "/v1/models"), ("GET", "/v1/chat/completions")):
-            if problem := _envelope_problem(http.request(method, path, headers=AUTH)):
+        for method, path, status in (("GET", "/v1/unknown", 404), ("DELETE", "/v1/models", 405),
+                                     ("GET", "/v1/chat/completions", 405)):
+            if problem := _envelope_problem(http.request(method, path, headers=AUTH), status, None):
                 problems.append((method, path, problem))
             cases += 1
     native = serve.get_app_handle(APP).options(stream=True).native

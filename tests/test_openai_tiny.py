@@ -206,3 +206,59 @@ def test_tokenize_and_detokenize_round_trip(app, tiny_tokenizer):
         assert text.json()["prompt"].endswith("the quick brown fox")
         bad = http.post("/tokenize", json={"model": "nope", "prompt": "x"})
         assert bad.status_code == 404 and bad.json()["error"]["code"] == 404
+
+
+class MediaServer:
+    """A local HTTP server (on 127.0.0.2, loopback) that serves one PNG and counts its requests."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                hits.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                self.wfile.write(b"\x89PNG\r\n\x1a\n")
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.server.server_address[1]}/cat.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def media_server():
+    server = MediaServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("kind", ["image_url", "audio_url", "video_url"])
+def test_media_urls_to_the_clusters_own_network_are_refused(app, media_server, kind):
+    """SSRF: a media URL on loopback (or link-local, private, file://) is a 400 naming it, and
+    nothing is fetched; the engine never sees the request."""
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": kind, kind: {"url": media_server.url}}]}]}
+    with httpx.Client(base_url=app.base_url, timeout=60) as http:
+        refused = http.post("/v1/chat/completions", json=body)
+        metadata = http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": [
+            {"type": kind, kind: {"url": "http://169.254.169.254/latest/meta-data/"}}]}]})
+        files = http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": [
+            {"type": kind, kind: {"url": "file:///etc/passwd"}}]}]})
+    for response, param in ((refused, f"messages[0].content[1].{kind}.url"),
+                            (metadata, f"messages[0].content[0].{kind}.url"),
+                            (files, f"messages[0].content[0].{kind}.url")):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    assert media_server.hits == []

@@ -11,6 +11,7 @@ import sys
 from deployments.request_models import load_request_fields, load_request_schemas, vllm_request_models
 from deployments.router import (
     STREAM_END_CHECKS,
+    StallGuard,
     StreamCut,
     _whole_stream,
     ends_with_final_response_event,
@@ -227,3 +228,34 @@ def test_model_card_is_one_entry_of_the_list():
     assert json.loads(model_card(listed, "org/base")) == {"id": "org/base", "max_model_len": 512}
     assert json.loads(model_card(listed, "adapter"))["parent"] == "org/base"
     assert model_card(listed, "org") is None and model_card(b'{"data": []}', "x") is None
+
+
+def test_the_stall_guard_fires_only_for_a_write_that_waits_past_the_timeout():
+    async def scenario() -> None:
+        stalls = []
+        guard = StallGuard(0.2, lambda: stalls.append(asyncio.get_running_loop().time()))
+        for _ in range(10):  # writes that each take little time: no stall, however long in all
+            guard.writing()
+            await asyncio.sleep(0.05)
+            guard.written()
+        await asyncio.sleep(0.4)  # nothing to write (a slow engine): not the reader's stall
+        assert stalls == []
+        started = asyncio.get_running_loop().time()
+        guard.writing()  # a write that never completes
+        await asyncio.sleep(0.5)
+        assert len(stalls) == 1 and 0.2 <= stalls[0] - started < 0.35
+        guard.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_stall_guard_never_fires():
+    async def scenario() -> None:
+        stalls = []
+        guard = StallGuard(0.1, lambda: stalls.append(1))
+        guard.writing()
+        guard.stop()
+        await asyncio.sleep(0.3)
+        assert stalls == []
+
+    asyncio.run(scenario())

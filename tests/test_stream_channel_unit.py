@@ -169,6 +169,71 @@ def test_a_failed_call_ends_the_stream_with_its_error_after_the_parts_that_came(
     with_channel(scenario)
 
 
+def test_an_expired_stream_cancels_its_call_and_ends_with_the_error_after_its_parts():
+    """REQUEST_TIMEOUT mid-stream: the engine's call is cancelled (vLLM aborts), the reader gets
+    what had come, then the timeout; parts that come later are dropped with the stream."""
+    from deployments.errors import RequestTimeout
+
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
+        stream, call, reply_to = await open_answered_stream(inbox)
+        await relay(channels, [b"a", b"b"], reply_to)
+        await asyncio.sleep(0.05)  # the parts are in
+        stream.expire(RequestTimeout("too late"))
+        assert call.cancelled
+        received = []
+        with pytest.raises(RequestTimeout, match="too late"):
+            async for part in stream:
+                received.append(part)
+        assert received == [b"a", b"b"]
+        assert error_body(RequestTimeout("x"))[0] == 504
+        assert inbox.open_streams == 0
+
+    with_channel(scenario)
+
+
+def test_an_expired_stream_that_had_finished_reads_to_its_end():
+    """The deadline passing after the engine's last part: the answer was on time and stays whole."""
+    from deployments.errors import RequestTimeout
+
+    async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
+        stream, call, reply_to = await open_answered_stream(inbox)
+        end = await relay(channels, [b"a", b"b"], reply_to)
+        call.items.put_nowait(end)
+        await asyncio.sleep(0.05)  # parts and end are in
+        stream.expire(RequestTimeout("too late"))
+        assert await rest_of(stream) == [b"a", b"b"]
+
+    with_channel(scenario)
+
+
+def test_a_reader_too_far_behind_ends_its_stream_and_its_engine_call():
+    """STREAM_BUFFER_BYTES: parts a reader leaves unread are bounded; past that the stream ends with
+    ReaderStalled after what it holds, later parts are dropped, and the engine's call is cancelled."""
+    from deployments.errors import ReaderStalled
+
+    async def scenario(_: StreamInbox, channels: ReplyChannels) -> None:
+        inbox = StreamInbox("127.0.0.1", max_buffered=1000)
+        try:
+            stream, call, reply_to = await open_answered_stream(inbox)
+            await relay(channels, [b"x" * 400, b"y" * 400], reply_to)
+            await asyncio.sleep(0.05)
+            assert not call.cancelled  # 800 bytes waiting: within the bound
+            assert await stream.__anext__() == b"x" * 400  # read: 400 waiting
+            await relay(channels, [b"z" * 400, b"w" * 400], reply_to)  # 1200 waiting: past it
+            await asyncio.sleep(0.05)
+            assert call.cancelled and inbox.open_streams == 0
+            received = []
+            with pytest.raises(ReaderStalled, match="STREAM_BUFFER_BYTES"):
+                async for part in stream:
+                    received.append(part)
+            assert received == [b"y" * 400, b"z" * 400]
+            assert error_body(ReaderStalled("x"))[0] == 504
+        finally:
+            inbox.shutdown()
+
+    with_channel(scenario)
+
+
 def test_a_closed_channel_fails_the_streams_it_carried_as_unavailable():
     async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, _, reply_to = await open_answered_stream(inbox)

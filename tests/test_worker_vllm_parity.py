@@ -86,6 +86,8 @@ def app(apps, tiny_model: Path, volume: Path, tmp_path_factory, ping_during_star
             "MAX_LORA_RANK": 8,
             "OPENAI_RESPONSE_ROLE": "bot",
             "RAW_OPENAI_OUTPUT": "false",
+            # The one media host this app allows (test_an_allowed_media_host_passes_the_ingress).
+            "ALLOWED_MEDIA_DOMAINS": "127.0.0.2",
         })
         # Until the first 200 (the proxy may learn the route a moment after serve.run returns).
         deadline = time.monotonic() + 60
@@ -174,3 +176,23 @@ def test_ping_says_initializing_while_the_engine_loads_then_ready(app, ping_duri
     with app.http() as http:
         ready = http.get("/ping")
     assert ready.status_code == 200 and ready.json() == {"status": "healthy"}
+
+
+def test_an_allowed_media_host_passes_the_ingress(app):
+    """ALLOWED_MEDIA_DOMAINS opens a host the default refuses: the request reaches vLLM, which
+    answers for its text-only model (with ALLOWED_MEDIA_DOMAINS also as its own allow-list)."""
+    from tests.test_openai_tiny import MediaServer
+
+    server = MediaServer()
+    try:
+        body = {"model": SERVED, "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": server.url}}]}]}
+        with app.http() as http:
+            allowed = http.post("/v1/chat/completions", json=body)
+            other = http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://127.0.0.3/cat.png"}}]}]})
+    finally:
+        server.close()
+    assert "ALLOWED_MEDIA_DOMAINS" not in allowed.text and "non-public" not in allowed.text
+    assert allowed.json().get("error", {}).get("param") != "messages[0].content[1].image_url.url", allowed.text
+    assert other.status_code == 400 and "ALLOWED_MEDIA_DOMAINS" in other.json()["error"]["message"]

@@ -244,3 +244,12 @@ def test_json_settings_come_from_serve_config_args_parsed_too():
     assert settings.ROPE_SCALING == {"rope_type": "linear", "factor": 2.0}
     assert json.loads(settings.LORA_MODULES[0].model_dump_json()) == {"name": "a", "path": "/a",
                                                                         "base_model_name": None}
+
+
+def test_allowed_media_domains_reach_vllm_and_redirects_are_off(vllm_parser):
+    settings = load({"ALLOWED_MEDIA_DOMAINS": "images.example.com, 127.0.0.2"})
+    assert settings.allowed_media_domains == ("images.example.com", "127.0.0.2")
+    namespace = vllm_parser.parse_args(vllm_cli_args(settings, Accelerator.CPU, "m"))
+    assert namespace.allowed_media_domains == ["images.example.com", "127.0.0.2"]
+    assert "--allowed-media-domains" not in vllm_cli_args(load({}), Accelerator.CPU, "m")
+    assert engine_process_environment(load({}), Accelerator.CPU, [0])["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
