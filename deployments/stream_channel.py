@@ -38,6 +38,11 @@ TOKEN_BYTES = 16
 # After the call said how many parts were sent, how long the rest may take to arrive. They left
 # before the call's last message did; only a broken connection keeps them away.
 LATE_PARTS_TIMEOUT_S = 30.0
+# The inbox listens on the node's address, so anything that reaches it may connect: a connection
+# that hasn't sent the token within this long is closed, and past this many such connections at
+# once, new ones are closed on arrival (an engine replica sends its token with its first write).
+AUTH_TIMEOUT_S = 5.0
+MAX_UNAUTHENTICATED = 64
 
 
 @dataclass(frozen=True)
@@ -98,12 +103,16 @@ class StreamInbox:
     """Router side: a server on the node's address that engine replicas connect to, and the streams
     waiting for their parts. Started on first use (the router's constructor has no event loop)."""
 
-    def __init__(self, host: str, max_buffered: int = 4 << 20) -> None:
+    def __init__(self, host: str, max_buffered: int = 4 << 20, auth_timeout_s: float = AUTH_TIMEOUT_S,
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED) -> None:
         self._host = host
+        self.auth_timeout_s = auth_timeout_s
+        self.max_unauthenticated = max_unauthenticated
         # Bytes of one stream's parts its reader may leave unread (STREAM_BUFFER_BYTES): past that
         # the stream is aborted, so a client that stops reading can't pile its output up here.
         self._max_buffered = max_buffered
         self._token = secrets.token_bytes(TOKEN_BYTES)
+        self.unauthenticated: set[_InboxConnection] = set()
         self._streams: dict[int, _StreamQueue] = {}
         self._next_id = 0
         self._server = SharedFetch(self._start_server)
@@ -167,9 +176,24 @@ class _InboxConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._authenticated = False
         self._transport: asyncio.Transport | None = None
+        self._auth_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        inbox = self._inbox
+        if len(inbox.unauthenticated) >= inbox.max_unauthenticated:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        inbox.unauthenticated.add(self)
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            inbox.auth_timeout_s, transport.abort  # type: ignore[attr-defined]
+        )
+
+    def _stop_waiting(self) -> None:
+        self._inbox.unauthenticated.discard(self)
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -183,6 +207,7 @@ class _InboxConnection(asyncio.Protocol):
                 buffer.clear()
                 return
             self._authenticated = True
+            self._stop_waiting()
             del buffer[:TOKEN_BYTES]
         position, size = 0, len(buffer)
         header = RECORD_HEADER.size
@@ -197,6 +222,7 @@ class _InboxConnection(asyncio.Protocol):
             del buffer[:position]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
         self._inbox.break_streams(self)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from deployments.errors import error_body
 from deployments.stream_channel import (
+    AUTH_TIMEOUT_S,
     BodyEnd,
     ChannelBroken,
     ChanneledStream,
@@ -268,6 +269,37 @@ def test_a_wrong_token_gets_the_connection_closed_and_nothing_delivered():
         assert await rest_of(stream) == []
 
     with_channel(scenario)
+
+
+def test_silent_connections_are_closed_after_the_auth_timeout_and_capped():
+    """The inbox listens on the node's address: a connection that never sends the token is closed
+    after AUTH_TIMEOUT_S (5 s; shortened here), and past MAX_UNAUTHENTICATED waiting at once a new
+    one is closed on arrival. An engine replica's connection, token first, is unaffected."""
+    assert AUTH_TIMEOUT_S <= 5
+
+    async def main() -> None:
+        inbox, channels = StreamInbox("127.0.0.1", auth_timeout_s=0.5, max_unauthenticated=2), ReplyChannels()
+        try:
+            stream, call, reply_to = await open_answered_stream(inbox)
+            silent = [await asyncio.open_connection(reply_to.host, reply_to.port) for _ in range(3)]
+            # The third found two waiting: closed at once.
+            assert await asyncio.wait_for(silent[2][0].read(), 0.3) == b""
+            assert len(inbox.unauthenticated) == 2
+            started = asyncio.get_running_loop().time()
+            for reader, _ in silent[:2]:
+                assert await asyncio.wait_for(reader.read(), 2) == b""
+            assert 0.4 <= asyncio.get_running_loop().time() - started < 1.5
+            assert inbox.unauthenticated == set()
+            # The engine's channel (token first) still delivers.
+            call.items.put_nowait(await relay(channels, [b"part"], reply_to))
+            assert await rest_of(stream) == [b"part"]
+            for _, writer in silent:
+                writer.close()
+        finally:
+            channels.close()
+            inbox.shutdown()
+
+    asyncio.run(main())
 
 
 def test_a_cancelled_stream_cancels_its_call_and_drops_its_late_parts():
