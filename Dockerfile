@@ -76,6 +76,9 @@ ENV RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
     RAY_SERVE_ENABLE_DIRECT_INGRESS=1 \
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5 \
     RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1
+# HAProxy behind the start-up gate: 503 + the error envelope, not a text/plain 404, until the app
+# is registered (scripts/haproxy-startup-gate).
+ENV RAY_SERVE_HAPROXY_BINARY_PATH=/app/scripts/haproxy-startup-gate
 
 # Serve's HTTP proxy (OpenAI API: /v1 and /openai/v1).
 EXPOSE 8000

@@ -26,7 +26,7 @@ from bench.common import (
     SERVED_MODEL,
     child_env,
 )
-from configs.ray_env import SERVE_PERFORMANCE_ENV, private_haproxy_ports
+from configs.ray_env import SERVE_PERFORMANCE_ENV, STARTUP_GATE_ENV_NAMES, private_haproxy_ports
 
 POLL_INTERVAL_S = 0.5
 
@@ -130,7 +130,7 @@ class Server:
             extra.update(private_haproxy_ports())
         elif self.system == RAYLLM:
             # Ray Serve LLM as its users run it: Ray's defaults, none of our switches.
-            drop = tuple(SERVE_PERFORMANCE_ENV)
+            drop = (*SERVE_PERFORMANCE_ENV, *STARTUP_GATE_ENV_NAMES)
         cache_root = self._cache_dir or vllm_cache_root()
         before = compile_cache_entries(cache_root)
         # Appended: a server restarted for the load keeps its measured start's log above.

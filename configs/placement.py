@@ -57,9 +57,9 @@ def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> d
     return options
 
 
-def router_deployment_options(settings: Settings, router_replicas: int = 1) -> dict[str, Any]:
+def router_deployment_options(settings: Settings) -> dict[str, Any]:
     return {
-        "num_replicas": router_replicas,
+        "num_replicas": settings.ROUTER_REPLICAS,
         # The router is I/O-bound; it must not take a CPU an engine bundle needs.
         "ray_actor_options": {"num_cpus": 0},
         "max_ongoing_requests": router_max_ongoing_requests(settings),
@@ -71,9 +71,10 @@ def router_deployment_options(settings: Settings, router_replicas: int = 1) -> d
     }
 
 
-def per_router_limit(total: int, router_replicas: int) -> int:
-    """MAX_CONCURRENCY is the app's limit; each router replica enforces its share."""
-    return max(1, math.ceil(total / max(1, router_replicas)))
+def per_router_limit(total: int, router_replicas: int, least: int = 1) -> int:
+    """MAX_CONCURRENCY and MAX_QUEUED_REQUESTS are the app's; each router replica enforces its share
+    (rounded up: the shares cover the total), at least `least`."""
+    return max(least, math.ceil(total / max(1, router_replicas)))
 
 
 def logical_cpus_needed(settings: Settings, accelerator: Accelerator) -> int:

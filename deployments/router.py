@@ -134,18 +134,22 @@ def current_request_id(request: Request) -> str:
 class Router:
     """Serve ingress. Not decorated here: the app builder applies options from configs.placement."""
 
-    def __init__(self, engine: DeploymentHandle, settings: Settings, router_replicas: int = 1) -> None:
+    def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
         self._engine = engine
         # Configured handle methods are built once, not per request.
         self._engine_http = engine.options(stream=True, **HANDLE_SERIALIZATION).http
         # Streamed bodies come back through this replica's channel (deployments.stream_channel).
         self._inbox = StreamInbox(ray.util.get_node_ip_address(), settings.STREAM_BUFFER_BYTES)
         self._engine_health = engine.check_health
+        # Which router replica answered, as x-engine-replica says which engine did: with
+        # ROUTER_REPLICAS > 1, where to look when one misbehaves.
+        self._replica_header = {"x-ingress-replica": serve.get_replica_context().replica_id.unique_id}
         self._engine_was_ready = False  # /ping: "initializing" until an engine first answers
         self._settings = settings
         self._api_keys = tuple(k.encode() for k in settings.api_keys)
         self._limiter = AdmissionLimiter(
-            per_router_limit(settings.MAX_CONCURRENCY, router_replicas), settings.MAX_QUEUED_REQUESTS
+            per_router_limit(settings.MAX_CONCURRENCY, settings.ROUTER_REPLICAS),
+            per_router_limit(settings.MAX_QUEUED_REQUESTS, settings.ROUTER_REPLICAS, least=0),
         )
         self._batch_defaults = batch_defaults(settings)
         # vLLM's request fields, for the checks: from an engine replica, which has vLLM imported
@@ -414,6 +418,7 @@ class Router:
         record.saw_first_byte()
         engine_headers = dict(engine_headers)
         response_headers = {k: engine_headers[k] for k in PASSED_HEADERS if k in engine_headers}
+        response_headers.update(self._replica_header)
         if not more:
             if admitted:
                 self._limiter.release()

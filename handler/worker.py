@@ -68,6 +68,14 @@ def _app_status() -> str | None:
     return str(app.status.value if hasattr(app.status, "value") else app.status) if app else None
 
 
+def job_failure_message(exc: Exception) -> str:
+    """What a job's caller reads when the router call itself failed (not a request error, which
+    the router reports as `{"error": ...}` output of its own)."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"The job's ingress call failed ({type(exc).__name__}: {first_line}); "
+            "the job did not finish and can be retried.")
+
+
 def make_handler(router: DeploymentHandle):
     native = None
 
@@ -89,6 +97,11 @@ def make_handler(router: DeploymentHandle):
         try:
             async for output in responses:
                 yield output
+        except Exception as exc:  # the router replica died or was unreachable mid-job
+            # runpod's SDK would fail the job with the exception's repr and a traceback; the caller
+            # gets one sentence instead, and the worker takes its next job as before.
+            logger.warning("job %s: the ingress call failed: %r", job.get("id"), exc)
+            yield {"error": job_failure_message(exc)}
         finally:
             # Cancelling the handle call cancels the router's job; the engine aborts the request.
             responses.cancel()

@@ -18,8 +18,14 @@ def replica_actor_name(app: str, replica_id: str, deployment: str = "EngineServe
     return f"SERVE_REPLICA::{app}#{deployment}#{replica_id}"
 
 
-def kill_replica_actor(app: str, replica_id: str) -> None:
-    ray.kill(ray.get_actor(replica_actor_name(app, replica_id), namespace="serve"), no_restart=True)
+def kill_replica_actor(app: str, replica_id: str, deployment: str = "EngineServer") -> None:
+    ray.kill(replica_actor(app, replica_id, deployment), no_restart=True)
+
+
+def replica_actor(app: str, replica_id: str, deployment: str = "EngineServer"):
+    """The replica's actor handle: looked up before a fault test opens its stream, so the kill
+    itself lands at once."""
+    return ray.get_actor(replica_actor_name(app, replica_id, deployment), namespace="serve")
 
 
 def replica_process(app: str, replica_id: str, deployment: str = "EngineServer") -> psutil.Process:

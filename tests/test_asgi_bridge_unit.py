@@ -241,6 +241,50 @@ def test_closing_early_lets_the_app_see_the_disconnect():
     asyncio.run(main())
 
 
+def test_a_call_cancelled_before_the_head_stops_work_that_only_a_disconnect_stops():
+    """vLLM's non-streaming handlers (`with_cancellation`, vllm/entrypoints/serve/utils/api_utils.py:
+    its pattern is copied below) run their work in a task of their own and cancel it only when
+    receive() says http.disconnect: cancelling the app's task alone would leave the work going (the
+    engine generating for a client who left). The bridge tells the app first, then cancels what is
+    left. tests/test_faults_tiny.py proves it with vLLM itself."""
+    work: dict[str, Any] = {}
+    app = FastAPI()
+
+    async def listen_for_disconnect(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def the_work() -> dict:
+        work["started"] = True
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            work["cancelled"] = True
+            raise
+        return {}
+
+    @app.post("/work")
+    async def with_cancellation(raw_request: Request) -> Any:
+        handler_task = asyncio.create_task(the_work())
+        cancellation_task = asyncio.create_task(listen_for_disconnect(raw_request))
+        done, pending = await asyncio.wait([handler_task, cancellation_task], return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return handler_task.result() if handler_task in done else None
+
+    async def main() -> None:
+        consumer = asyncio.create_task(anext(stream_asgi(app, "POST", "/work", [], b"{}")))
+        while not work.get("started"):
+            await asyncio.sleep(0.01)
+        consumer.cancel()  # Serve cancels the engine's call: the router's client left
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        await asyncio.sleep(0.05)
+        assert work.get("cancelled") is True
+
+    asyncio.run(main())
+
+
 def test_an_app_raising_before_responding_raises_runtime_error():
     async def app(scope: dict, receive: Any, send: Any) -> None:
         raise ValueError("engine exploded")

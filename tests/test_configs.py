@@ -797,7 +797,7 @@ def test_router_deployment_options(concurrency, queued):
     assert options["ray_actor_options"]["num_cpus"] == 0
     # Serve's own limit must sit above what the router admits and queues (the router answers 429).
     assert options["max_ongoing_requests"] > concurrency + queued
-    assert router_deployment_options(s, router_replicas=3)["num_replicas"] == 3
+    assert router_deployment_options(settings(ROUTER_REPLICAS=3))["num_replicas"] == 3
     # The router's own request line replaces Serve's access line.
     assert options["logging_config"] == {"enable_access_log": False}
 
@@ -808,6 +808,11 @@ def test_router_deployment_options(concurrency, queued):
 )
 def test_per_router_limit(total, routers, expected):
     assert per_router_limit(total, routers) == expected
+
+
+def test_an_empty_queue_stays_empty_when_split():
+    assert per_router_limit(0, 2, least=0) == 0
+    assert per_router_limit(1, 2, least=0) == 1
 
 
 def test_per_router_limits_cover_the_total():

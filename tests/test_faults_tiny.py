@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import json
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import ray
 from ray import serve
 
 from deployments.process_title import ANCHOR
@@ -22,6 +24,7 @@ from tests.faults import (
     engine_process_pid,
     kill_engine_process,
     open_stream,
+    replica_actor,
     replica_ids,
     replica_process,
     sse_lines,
@@ -65,6 +68,51 @@ def test_client_disconnect_aborts_the_request_in_the_engine(app):
     client.close()
     aborted_in = wait_until(lambda: engine_running(app) == 0, timeout=5, interval=0.1)
     print(f"\n[faults] disconnect -> engine abort in {aborted_in:.2f} s")
+
+
+def small_request_latency(app) -> float:
+    started = time.monotonic()
+    r = httpx.post(f"{app.base_url}/v1/chat/completions", timeout=60,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "fox"}], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    return time.monotonic() - started
+
+
+def test_non_streaming_requests_whose_clients_left_are_aborted(app):
+    """24 non-streaming requests of every generating route, most of them many seconds of engine
+    work, whose clients give up after 1 s, and a RunPod job cancelled by its caller: the engine
+    drops them all within 5 s (as `vllm serve` does), and the next request is about as fast as on
+    an idle engine."""
+    idle = min(small_request_latency(app) for _ in range(3))
+    long = {"model": "tiny", "max_tokens": 480, "ignore_eos": True}
+    bodies = [
+        ("/v1/chat/completions", {**long, "messages": [{"role": "user", "content": "fox"}], "n": 16}),
+        ("/v1/completions", {**long, "prompt": "fox", "n": 16}),
+        ("/v1/responses", {"model": "tiny", "input": "fox", "max_output_tokens": 480}),
+        ("/v1/messages", {"model": "tiny", "max_tokens": 480, "messages": [{"role": "user", "content": "fox"}]}),
+    ] * 6
+
+    def abandoned(path: str, body: dict) -> str:
+        try:
+            r = httpx.post(f"{app.base_url}{path}", json=body, timeout=1.0)
+            return f"answered {r.status_code}"
+        except httpx.TimeoutException:
+            return "gave up"
+
+    # And a RunPod job (non-streaming) whose caller cancels it: the worker's handle call ends.
+    job = app.router().options(stream=True).native.remote(
+        {"prompt": "fox", "sampling_params": {"max_tokens": 480, "ignore_eos": True, "n": 16}}, uuid.uuid4().hex)
+    with futures.ThreadPoolExecutor(len(bodies)) as pool:
+        outcomes = list(pool.map(lambda pb: abandoned(*pb), bodies))
+    job.cancel()
+    left_at = time.monotonic()
+    assert outcomes.count("gave up") >= 12, outcomes  # the n=16 ones at least outlast the client
+    drained_in = wait_until(lambda: engine_running(app) == 0, timeout=5, interval=0.1)
+    after = small_request_latency(app)
+    print(f"\n[faults] 24 abandoned non-streaming requests ({outcomes.count('gave up')} gave up): "
+          f"engine idle {drained_in + time.monotonic() - left_at - after:.1f} s after the clients left; "
+          f"next request {after * 1000:.0f} ms (idle {idle * 1000:.0f} ms)")
+    assert after < 2 * idle + 0.25
 
 
 def unread_stream(app, body: dict) -> socket.socket:
@@ -119,6 +167,63 @@ def test_streams_nobody_reads_cost_bounded_memory_and_give_their_slots_back(app)
     assert growth_mib < bound_mib
     assert httpx.post(f"{app.base_url}/v1/completions", timeout=60,
                       json={"model": "tiny", "prompt": "fox", "max_tokens": 4}).status_code == 200
+
+
+def test_a_router_killed_mid_stream_cuts_it_and_every_caller_gets_an_answer(app):
+    """The single router replica dies under a stream: the stream is cut (no end chunk, no [DONE]),
+    callers meanwhile get a 503 envelope or are held until Serve's new router serves them (never
+    a text/plain body, a 404 or a hang), the engine aborts the orphaned request, and new requests
+    succeed on the new router."""
+    (router,) = replica_ids(app.name, "Router")
+    process = replica_process(app.name, router, "Router")
+    actor = replica_actor(app.name, router, "Router")
+    sock = unread_stream(app, {"model": "tiny", "prompt": "fox", "max_tokens": 480, "ignore_eos": True,
+                               "n": 128, "stream": True})
+    answers: list[tuple[int, str, str | None, dict | None]] = []
+    stop = threading.Event()
+
+    def call() -> None:
+        while not stop.is_set():
+            try:
+                r = httpx.post(f"{app.base_url}/v1/completions", timeout=60,
+                               json={"model": "tiny", "prompt": "fox", "max_tokens": 2})
+                body = r.json() if r.status_code != 200 else None
+                answers.append((r.status_code, r.headers.get("content-type", ""),
+                                r.headers.get("x-ingress-replica"), body))
+            except httpx.HTTPError as exc:  # a request on its way as the replica died: told at once
+                answers.append((0, type(exc).__name__, None, None))
+            time.sleep(0.05)
+
+    try:
+        wait_until(lambda: engine_running(app) > 0, timeout=30, interval=0.1)
+        callers = [threading.Thread(target=call) for _ in range(3)]
+        for caller in callers:
+            caller.start()
+        ray.kill(actor, no_restart=True)
+        killed_at = time.monotonic()
+        sock.settimeout(10)
+        received = b""
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+        cut_in = time.monotonic() - killed_at
+        process.wait(timeout=30)
+        recovered_in = wait_until(lambda: any(a[2] not in (None, router) for a in answers[-3:]),
+                                  timeout=120, interval=0.5)
+        stop.set()
+        for caller in callers:
+            caller.join(timeout=90)
+    finally:
+        stop.set()
+        sock.close()
+    assert b"data: [DONE]" not in received and not received.endswith(b"0\r\n\r\n")
+    assert cut_in < 10
+    wrong = [a for a in answers if a[0] not in (0, 200, 503)
+             or (a[0] == 503 and (a[1] != "application/json" or a[3]["error"]["code"] != 503))]
+    assert not wrong, wrong
+    assert wait_until(lambda: engine_running(app) == 0, timeout=30, interval=0.2) < 30
+    counts = {status: sum(1 for a in answers if a[0] == status) for status in {a[0] for a in answers}}
+    print(f"\n[faults] router killed mid-stream: cut in {cut_in:.2f} s, a new router served "
+          f"{recovered_in:.0f} s later; callers meanwhile: {counts} (0: connection closed)")
 
 
 def test_engine_core_is_forked_from_a_preloaded_fork_server_with_the_replica_environment(app):

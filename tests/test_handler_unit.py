@@ -161,9 +161,10 @@ def test_any_non_running_status_counts_as_unhealthy(world):
 
 
 class FakeResponses:
-    def __init__(self, outputs: list[Any], hang: bool = False) -> None:
+    def __init__(self, outputs: list[Any], hang: bool = False, fail: Exception | None = None) -> None:
         self.outputs = outputs
         self.hang = hang
+        self.fail = fail
         self.cancelled = False
 
     def __aiter__(self):
@@ -172,6 +173,8 @@ class FakeResponses:
     async def _iterate(self):
         for output in self.outputs:
             yield output
+        if self.fail is not None:
+            raise self.fail
         if self.hang:
             await asyncio.Event().wait()
 
@@ -214,6 +217,21 @@ def test_handler_streams_the_router_outputs():
     assert router.options_seen == [{"stream": True, **HANDLE_SERIALIZATION}]
     assert router.calls == [({"prompt": "hi"}, "job-1"), ({"prompt": "yo"}, "job-2")]
     assert router.responses.cancelled  # always released, even after a normal end
+
+
+def test_a_failed_router_call_ends_the_job_with_one_sentence():
+    """A router replica that dies mid-job: the outputs so far, then an error the job fails with."""
+    died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ...")
+    router = FakeRouter(FakeResponses([{"choices": [{"tokens": ["a"]}]}], fail=died))
+
+    async def main() -> list[Any]:
+        return [item async for item in make_handler(router)({"id": "j", "input": {"prompt": "x"}})]
+
+    first, last = asyncio.run(main())
+    assert first == {"choices": [{"tokens": ["a"]}]}
+    assert last == {"error": "The job's ingress call failed (RuntimeError: The actor died unexpectedly before "
+                             "finishing this task.); the job did not finish and can be retried."}
+    assert router.responses.cancelled
 
 
 def test_handler_passes_a_missing_input_and_id_through():

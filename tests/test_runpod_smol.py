@@ -11,9 +11,11 @@ import uuid
 
 import httpx
 import pytest
+import ray
 from ray import serve
 
 from configs.settings import DEMO_MODEL_SERVED_NAME
+from tests.faults import replica_actor, replica_ids, wait_until
 from tests.runpod_queue import RunPodQueue
 from tests.workers import ROOT, free_port, start_worker, stop_worker, wait_http, worker_env
 
@@ -216,3 +218,30 @@ def test_production_loop_stop_aborts_the_request_in_the_engine(queue_worker):
         time.sleep(0.2)
     assert engine_running() == 0
     assert time.monotonic() - stopped < 5
+
+
+# --- router death (one router replica: the app's default) ---------------------------------------
+
+
+def test_production_loop_fails_a_job_whose_router_dies_and_takes_the_next(queue_worker, smol_app):
+    queue, process, log = queue_worker
+    wait_until(lambda: len(replica_ids(smol_app.name, "Router")) == 1, timeout=60)
+    (router,) = replica_ids(smol_app.name, "Router")
+    actor = replica_actor(smol_app.name, router, "Router")
+    job_id = f"router-dies-{uuid.uuid4().hex[:6]}"
+    queue.submit(job_id, {"prompt": "Count forever:", "stream": True,
+                          "sampling_params": {"max_tokens": 1800, "ignore_eos": True}})
+    deadline = time.monotonic() + 120
+    while not queue.streams.get(job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert queue.streams.get(job_id), "the job never streamed"
+    ray.kill(actor, no_restart=True)
+    result = queue.wait_result(job_id, timeout=60)
+    assert "output" not in result, result  # FAILED
+    assert "ingress call failed" in result["error"] and "can be retried" in result["error"], result
+    # The worker keeps taking jobs; this one waits for Serve's new router.
+    next_id = f"after-{uuid.uuid4().hex[:6]}"
+    queue.submit(next_id, {"prompt": "Hi", "sampling_params": {"max_tokens": 4}})
+    after = queue.wait_result(next_id, timeout=180)
+    assert "error" not in after, after
+    assert process.poll() is None, log.read_text()[-3000:]

@@ -8,6 +8,8 @@ RunPod endpoint with a network volume starts:
   RAW_OPENAI_OUTPUT=false yields parsed chunks; TENSOR_PARALLEL_SIZE is unset;
 - the model's generation config is greedy (top_k 1): `vllm serve` semantics apply it to OpenAI
   requests, while native jobs get the seed's documented sampling defaults instead.
+
+It also runs two router replicas (ROUTER_REPLICAS=2, ours): one killed, the other keeps serving.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 
 from tests.apps import SERVE_PORT
+from tests.faults import replica_actor, replica_ids, replica_process, wait_until
 from tests.model_fixtures import build_tiny_lora, hf_cache_snapshot
 
 MODEL_REPO = "test-org/tiny-llama"
@@ -88,6 +92,7 @@ def app(apps, tiny_model: Path, volume: Path, tmp_path_factory, ping_during_star
             "RAW_OPENAI_OUTPUT": "false",
             # The one media host this app allows (test_an_allowed_media_host_passes_the_ingress).
             "ALLOWED_MEDIA_DOMAINS": "127.0.0.2",
+            "ROUTER_REPLICAS": 2,
         })
         # Until the first 200 (the proxy may learn the route a moment after serve.run returns).
         deadline = time.monotonic() + 60
@@ -196,3 +201,20 @@ def test_an_allowed_media_host_passes_the_ingress(app):
     assert "ALLOWED_MEDIA_DOMAINS" not in allowed.text and "non-public" not in allowed.text
     assert allowed.json().get("error", {}).get("param") != "messages[0].content[1].image_url.url", allowed.text
     assert other.status_code == 400 and "ALLOWED_MEDIA_DOMAINS" in other.json()["error"]["message"]
+
+
+def test_with_two_routers_the_other_serves_while_one_is_replaced(app):
+    routers = replica_ids(app.name, "Router")
+    assert len(routers) == 2
+    victim, survivor = sorted(routers)
+    process = replica_process(app.name, victim, "Router")
+    ray.kill(replica_actor(app.name, victim, "Router"), no_restart=True)
+    process.wait(timeout=30)
+    chat = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with app.http() as http:
+        answers = [http.post("/v1/chat/completions", json=chat) for _ in range(10)]
+    assert [r.status_code for r in answers] == [200] * 10, [r.text for r in answers if r.status_code != 200]
+    served_by = {r.headers["x-ingress-replica"] for r in answers}
+    assert victim not in served_by and survivor in served_by
+    replaced_in = wait_until(lambda: len(replica_ids(app.name, "Router") - {victim}) == 2, timeout=120)
+    print(f"\n[faults] one of two routers killed: 10/10 requests served meanwhile, replaced in {replaced_in:.0f} s")
