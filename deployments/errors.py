@@ -16,10 +16,18 @@ class ClientError(Exception):
     """A request the caller must fix. `param` names the field."""
 
     status = HTTPStatus.BAD_REQUEST
+    err_type: str | None = None  # the envelope's type, when not the status's usual one
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class MalformedBody(ClientError):
+    """A body that is not a JSON object. `vllm serve` refuses it in its request validation, typed
+    "Bad Request" (with FastAPI's location as param): the same here, so a client can't tell."""
+
+    err_type = "Bad Request"
 
 
 class Unauthorized(ClientError):
@@ -44,6 +52,10 @@ class Overloaded(Exception):
 
 class EngineUnavailable(Exception):
     """No engine replica can take the request now (dead, restarting or still loading)."""
+
+
+class MetricsUnavailable(EngineUnavailable):
+    """`GET /metrics`: no node's Ray metrics agent answered (a 503 with this message)."""
 
 
 class RequestTimeout(Exception):
@@ -73,7 +85,7 @@ def _engine_failures() -> tuple[type[BaseException], ...]:
 def status_for(exc: BaseException) -> tuple[HTTPStatus, str]:
     """The one exception -> (status, error type) table."""
     if isinstance(exc, ClientError):
-        return exc.status, {
+        return exc.status, exc.err_type or {
             HTTPStatus.UNAUTHORIZED: "AuthenticationError",
             HTTPStatus.NOT_FOUND: "NotFoundError",
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "BadRequestError",

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.errors import ClientError
+from deployments.errors import ClientError, MalformedBody
 
 ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
@@ -24,26 +24,32 @@ class RequestLimits:
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
+    """The request's JSON object; MalformedBody (vLLM's answer: status, type, FastAPI's location
+    as param) if it is none."""
+    if not body.strip():
+        raise MalformedBody("the request body is empty; send a JSON object", "body")
     try:
         payload = json.loads(body)
     except UnicodeDecodeError:
-        raise ClientError("the request body is not UTF-8", "body") from None
+        raise MalformedBody("the request body is not UTF-8", "body") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedBody(f"the request body is not valid JSON: {exc}", f"body.{exc.pos}") from None
     except ValueError as exc:
-        raise ClientError(f"the request body is not valid JSON: {exc}", "body") from None
+        raise MalformedBody(f"the request body is not valid JSON: {exc}", "body") from None
     except RecursionError:
         # `[[[[...` a few thousand deep: the parser's own depth limit, a client's mistake (not a 500).
         raise ClientError("the request body nests JSON too deeply", "body") from None
     if not isinstance(payload, dict):
-        raise ClientError("the request body must be a JSON object", "body")
+        raise MalformedBody("the request body must be a JSON object", "body")
     return payload
 
 
 def _int_field(payload: dict[str, Any], name: str) -> int | None:
+    """The field when it is an integer. Anything else is vLLM's to refuse (or to coerce, as its
+    request models do), so the client gets `vllm serve`'s answer."""
     value = payload.get(name)
-    if value is None:
-        return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ClientError(f"`{name}` must be an integer", name)
+        return None
     return value
 
 
@@ -91,8 +97,8 @@ def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields:
         if value is not None and not isinstance(value, dict):
             raise ClientError(f"`{name}` must be an object, got {type(value).__name__}", name)
     n = _int_field(payload, "n")
-    if n is not None and not 1 <= n <= limits.max_n:
-        raise ClientError(f"`n` must be between 1 and {limits.max_n} (MAX_N), got {n}", "n")
+    if n is not None and n > limits.max_n:  # below 1, vLLM refuses it itself
+        raise ClientError(f"`n` must be at most {limits.max_n} (MAX_N), got {n}", "n")
     best_of = payload.get("best_of")
     if best_of is not None and best_of != (n or 1):
         # An OpenAI field vLLM 0.32's server no longer has (it would ignore it silently).
@@ -113,9 +119,10 @@ def check_request(payload: dict[str, Any], limits: RequestLimits, object_fields:
             )
         for i, message in enumerate(messages):
             # Which roles exist is the chat template's business (vLLM passes custom roles to it, as
-            # `vllm serve` does); a role that is not a name at all is refused here.
+            # `vllm serve` does); a string role that is not a name at all is refused here. A missing
+            # or non-string role is vLLM's to refuse, with its own answer.
             role = message.get("role") if isinstance(message, dict) else None
-            if isinstance(message, dict) and not (isinstance(role, str) and ROLE_NAME.fullmatch(role)):
+            if isinstance(role, str) and not ROLE_NAME.fullmatch(role):
                 raise ClientError(f"`messages[{i}].role` must be a role name, got {role!r}", f"messages[{i}].role")
     items = payload.get("input") if route in CONVERSATION_INPUT_ROUTES else None
     if isinstance(items, list) and len(items) > limits.max_messages:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import ray.util
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,8 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.placement import per_router_limit
 from configs.ray_env import HANDLE_SERIALIZATION
 from configs.settings import Settings
+from deployments.cluster_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from deployments.cluster_metrics import scrape_cluster
 from deployments.errors import (
     EngineUnavailable,
+    MetricsUnavailable,
     NotFound,
     ReaderStalled,
     RequestTimeout,
@@ -50,7 +54,7 @@ from deployments.native import (
 )
 from deployments.observability import RequestObserver, RequestRecord, RouterMetrics
 from deployments.request_models import RequestSchemas
-from deployments.routes import ANTHROPIC_ROUTES, engine_route, speaks_anthropic
+from deployments.routes import ANTHROPIC_ROUTES, INVOCATIONS, engine_route, invocation_route, speaks_anthropic
 from deployments.shared_fetch import SharedFetch
 from deployments.stream_channel import ChanneledStream, StreamInbox
 
@@ -164,6 +168,8 @@ class Router:
             frozenset(settings.allowed_media_domains),
             allow_files="--allowed-local-media-path" in settings.engine_cli_overrides,
         )
+        # One pool for /metrics scrapes of the nodes' metrics agents (cluster-internal addresses).
+        self._metrics_client = httpx.AsyncClient(trust_env=False)
         self._observer = RequestObserver(
             settings.LOG_FORMAT, RouterMetrics(serve.get_replica_context().app_name), self._limiter
         )
@@ -222,6 +228,17 @@ class Router:
             return error_response(exc, "load")
         return JSONResponse({"server_load": self._limiter.in_flight + self._limiter.queued})
 
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """The cluster's Prometheus metrics (ours, vLLM's, Ray's), as `vllm serve` has /metrics
+        on its API port; behind API_KEY when it is set."""
+        try:
+            self._authorize(request.headers)
+            text = await scrape_cluster(self._metrics_client)
+        except (Unauthorized, MetricsUnavailable) as exc:
+            return error_response(exc, "metrics")
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/v1/models")
     @app.get("/openai/v1/models")
     async def models(self, request: Request) -> Response:
@@ -242,6 +259,13 @@ class Router:
     async def responses(self, request: Request) -> Response:
         # Stateless, as vLLM runs it by default: `store` is ignored, so there is nothing to GET later.
         return await self._forward(request, "/v1/responses")
+
+    @app.get("/v1/responses/{response_id}")
+    @app.get("/openai/v1/responses/{response_id}")
+    async def retrieve_response(self, request: Request, response_id: str) -> Response:
+        # vLLM's own answer, as from `vllm serve`: with the default (stateless) Responses API, a 404
+        # in its error shape naming `response_id`.
+        return await self._forward(request, f"/v1/responses/{response_id}", "/v1/responses/{response_id}")
 
     @app.post("/v1/embeddings")
     @app.post("/openai/v1/embeddings")
@@ -294,6 +318,17 @@ class Router:
     @app.post("/detokenize")
     async def detokenize(self, request: Request) -> Response:
         return await self._forward(request, "/detokenize")
+
+    @app.post("/invocations")
+    async def invocations(self, request: Request) -> Response:
+        # SageMaker's inference route, as `vllm serve` has it: vLLM serves the body as chat,
+        # completion or pooling by its shape. Behind API_KEY, unlike `vllm serve`'s.
+        return await self._forward(request, INVOCATIONS)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request) -> Response:
+        # vLLM serves it with ENABLE_TOKENIZER_INFO_ENDPOINT=true; without, a 404 envelope.
+        return await self._forward(request, "/tokenizer_info")
 
     # Last of the routes: a request's path is matched against the routes in order, and this one's
     # pattern needn't cost the other routes anything.
@@ -348,7 +383,9 @@ class Router:
         """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
         fields = await self._request_fields()
         payload = parse_body(body)
-        check_request(payload, self._limits, fields.objects[path], path)
+        checked_as = invocation_route(payload) if path == INVOCATIONS else path
+        if checked_as is not None:
+            check_request(payload, self._limits, fields.objects[checked_as], checked_as)
         await check_media(payload, self._media_policy)
         await self._limiter.acquire()
         self._observer.update_gauges()
@@ -379,8 +416,9 @@ class Router:
         self._observer.finish(record)
         return response
 
-    async def _forward(self, request: Request, path: str) -> Response:
-        record = RequestRecord(current_request_id(request), path)
+    async def _forward(self, request: Request, path: str, route: str | None = None) -> Response:
+        """`path` to the engine; `route` names it in logs and metrics when the path carries an id."""
+        record = RequestRecord(current_request_id(request), route or path)
         anthropic = path in ANTHROPIC_ROUTES
         # Every request with a body (generation, pooling, tokenizing) is checked and takes a
         # MAX_CONCURRENCY slot: each of them costs the engine work; a GET of the model list doesn't.

@@ -42,3 +42,25 @@ def engine_route(path: str) -> str:
 def speaks_anthropic(path: str) -> bool:
     """Whether a public path's errors take Anthropic's envelope."""
     return engine_route(path) in ANTHROPIC_ROUTES
+
+
+# SageMaker's `POST /invocations`, as `vllm serve` has it: vLLM tries its request models in this
+# order and serves the body with the first that fits (chat before completion for a generating
+# model). The router checks the body as the route it will land on, by the field that route needs.
+INVOCATION_ROUTES: tuple[tuple[str, str], ...] = (
+    ("messages", "/v1/chat/completions"),
+    ("prompt", "/v1/completions"),
+    ("query", "/rerank"),
+    ("input", "/v1/embeddings"),
+)
+INVOCATIONS = "/invocations"
+
+
+def invocation_route(payload: object) -> str | None:
+    """The route whose checks an `/invocations` body gets; None when it fits none (vLLM then
+    answers 400 itself)."""
+    if isinstance(payload, dict):
+        for field, route in INVOCATION_ROUTES:
+            if field in payload:
+                return route
+    return None

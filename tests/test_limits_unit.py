@@ -63,7 +63,6 @@ def test_fan_out_at_the_cap_passes():
 
 @pytest.mark.parametrize(("payload", "param"), [
     ({"n": 9}, "n"),
-    ({"n": 0}, "n"),
     ({"max_tokens": 513}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}] * 5}, "messages"),
@@ -72,6 +71,21 @@ def test_fan_out_at_the_cap_passes():
 ])
 def test_each_limit_names_its_field(payload: dict[str, Any], param: str):
     assert rejection(payload, "/v1/chat/completions").param == param
+
+
+@pytest.mark.parametrize("payload", [{"n": 0}, {"n": -2}, {"n": "two"}, {"max_tokens": "many"}, {"max_tokens": True},
+                                     {"messages": [{"content": "no role"}]}, {"messages": [{"role": 7}]}])
+def test_what_vllm_refuses_itself_is_left_to_it(payload: dict[str, Any]):
+    """vLLM's answer (its status, type and param) is what `vllm serve`'s clients know."""
+    check_request(payload, LIMITS, route="/v1/chat/completions")
+
+
+def test_a_malformed_body_gets_vllms_type_and_location():
+    for body, param in ((b"{not json", "body.1"), (b"", "body"), (b"[]", "body"), (b"null", "body")):
+        with pytest.raises(ClientError) as info:
+            parse_body(body)
+        status, envelope = error_body(info.value)
+        assert (status, envelope["error"]["type"], envelope["error"]["param"]) == (400, "Bad Request", param)
 
 
 def test_a_body_that_is_not_an_object_is_a_400():

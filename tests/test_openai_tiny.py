@@ -277,3 +277,30 @@ def test_version_and_load_answer_as_vllm_serve_does(app):
         load = http.get("/load")
     assert answered.status_code == 200 and answered.json()["version"].startswith(expected.split("+")[0])
     assert load.status_code == 200 and isinstance(load.json()["server_load"], int) and load.json()["server_load"] >= 0
+
+
+def test_a_stored_response_and_tokenizer_info_answer_as_vllm_serve_does(app):
+    """`GET /v1/responses/{id}` is vLLM's own answer (stateless by default: nothing stored, an
+    error naming `response_id`); `/tokenizer_info` is vLLM's when enabled, a 404 envelope if not."""
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        missing = http.get("/v1/responses/resp_never_made")
+        info = http.get("/tokenizer_info")
+    error = missing.json()["error"]
+    assert 400 <= missing.status_code < 500 and error["param"] == "response_id", missing.text
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert info.status_code == 404 and info.json()["error"]["type"] == "NotFoundError", info.text
+
+
+def test_invocations_serves_a_body_by_its_shape_as_vllm_serve_does_under_our_limits(app):
+    """SageMaker's `POST /invocations`: chat for `messages`, a completion for `prompt` (vLLM's
+    choice), the router's limits as on the route it lands on, vLLM's 400 for a body that fits none."""
+    with httpx.Client(base_url=app.base_url, timeout=60) as http:
+        chat = http.post("/invocations", json={"model": "tiny", "max_tokens": 3,
+                                               "messages": [{"role": "user", "content": "fox"}]})
+        completion = http.post("/invocations", json={"model": "tiny", "prompt": "fox", "max_tokens": 3})
+        fan_out = http.post("/invocations", json={"model": "tiny", "prompt": "fox", "max_tokens": 3, "n": 5000})
+        unfit = http.post("/invocations", json={"model": "tiny"})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion", chat.text
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion", completion.text
+    assert fan_out.status_code == 400 and fan_out.json()["error"]["param"] == "n", fan_out.text
+    assert unfit.status_code == 400 and set(unfit.json()["error"]) >= {"message", "type", "param", "code"}, unfit.text

@@ -259,3 +259,13 @@ def test_a_stopped_stall_guard_never_fires():
         assert stalls == []
 
     asyncio.run(scenario())
+
+
+def test_an_invocation_is_checked_as_the_route_vllm_will_serve_it_with():
+    from deployments.routes import invocation_route
+
+    assert invocation_route({"messages": [], "prompt": "x"}) == "/v1/chat/completions"
+    assert invocation_route({"prompt": "x"}) == "/v1/completions"
+    assert invocation_route({"query": "q", "documents": ["d"]}) == "/rerank"
+    assert invocation_route({"input": "x"}) == "/v1/embeddings"
+    assert invocation_route({"model": "m"}) is None and invocation_route([1]) is None
