@@ -20,7 +20,7 @@ export VLLM_HOST_IP ?= 127.0.0.1
 # vLLM's CPU build: KV cache size in GiB (ignored on GPUs).
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install serve test bench bench-install lint docs clean
+.PHONY: install serve test test-fast bench bench-install lint docs clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -39,6 +39,12 @@ serve: install
 
 test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The fast loop: the unit tests and the request lifecycle on a real Serve app whose engine is the
+# fake one (deployments/fake_engine.py). No vLLM engine starts. `make test` runs these too.
+FAST_TESTS := $(wildcard tests/*_unit.py) tests/test_configs.py tests/test_lifecycle_fast.py
+test-fast: install
+	$(VPY) -m pytest $(FAST_TESTS) $(PYTEST_ARGS)
 
 # The benchmark's extras (Ray Serve LLM's requirements by name, matplotlib), pinned so the engine
 # stack stays what `install` put in .venv; then a check that vLLM and transformers still import.

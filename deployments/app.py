@@ -19,12 +19,15 @@ APP_NAME = "llm"
 ROUTE_PREFIX = "/"
 
 
-def build_app_from_settings(settings: Settings) -> Application:
+def build_app_from_settings(settings: Settings, engine_class: type | None = None) -> Application:
+    """`engine_class` replaces vLLM's engine deployment (deployments.fake_engine, for `make test-fast`)."""
     accelerator = resolve_accelerator(settings.ACCELERATOR)
     if settings.TENSOR_PARALLEL_SIZE is None:
         tp = default_tensor_parallel_size(accelerator, gpus_per_node() if accelerator is Accelerator.GPU else [])
         settings = settings.model_copy(update={"TENSOR_PARALLEL_SIZE": tp})
-    engine = engine_deployment(engine_deployment_options(settings, accelerator)).bind(settings, accelerator)
+    options = engine_deployment_options(settings, accelerator)
+    deployment = engine_deployment(options) if engine_class is None else engine_deployment(options, engine_class)
+    engine = deployment.bind(settings, accelerator)
     return router_deployment(router_deployment_options(settings)).bind(engine, settings)
 
 

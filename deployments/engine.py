@@ -188,5 +188,7 @@ class EngineServer:
             engine.shutdown()
 
 
-def engine_deployment(options: dict[str, Any]):
-    return serve.deployment(EngineServer, name="EngineServer", **options)
+def engine_deployment(options: dict[str, Any], engine_class: type = EngineServer):
+    """The engine deployment; `engine_class` with EngineServer's interface stands in for it in
+    tests of the request lifecycle (deployments.fake_engine)."""
+    return serve.deployment(engine_class, name="EngineServer", **options)

@@ -83,12 +83,12 @@ class TestApps:
         # Tests never read the developer's shell: settings come from args only.
         return load_settings(environ={}, args=args)
 
-    def start(self, name: str, args: dict[str, Any]) -> RunningApp:
+    def start(self, name: str, args: dict[str, Any], engine_class: type | None = None) -> RunningApp:
         if name in self.running:
             return self.running[name]
         settings = self.settings(args)
         started = time.monotonic()
-        serve.run(build_app_from_settings(settings), name=name, route_prefix=f"/{name}")
+        serve.run(build_app_from_settings(settings, engine_class), name=name, route_prefix=f"/{name}")
         app = RunningApp(name, settings, f"http://127.0.0.1:{SERVE_PORT}/{name}", time.monotonic() - started)
         print(f"\n[apps] {name} started in {app.startup_s:.1f} s")
         self.running[name] = app

@@ -1,0 +1,147 @@
+"""The router's request lifecycle on a real Ray cluster and Serve app, with the fake engine
+(deployments.fake_engine) in place of vLLM: admission and 429s, aborts on disconnect, deadlines,
+error envelopes, native batching. Seconds, not minutes: `make test-fast` runs these and the unit
+tests. The same behaviours are proved against real vLLM in the *_tiny and *_smol suites."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from ray import serve
+
+from deployments.fake_engine import FakeEngineServer
+from tests.faults import wait_until
+
+MODEL = "fake"
+# The fake model writes one token every 10 ms: 1000 tokens hold a request ~10 s.
+LONG = {"model": MODEL, "prompt": "fox", "max_tokens": 1000}
+
+
+@pytest.fixture(scope="module")
+def app(apps):
+    running = apps.start("fast", {
+        "MODEL_NAME": MODEL,
+        "MAX_MODEL_LEN": 4096,
+        "MAX_CONCURRENCY": 2,
+        "MAX_QUEUED_REQUESTS": 1,
+        "MAX_N": 4,
+        "REQUEST_TIMEOUT": 4,
+    }, engine_class=FakeEngineServer)
+    yield running
+    apps.stop("fast")
+
+
+def engine_running(app) -> int:
+    return serve.get_deployment_handle("EngineServer", app.name).running_requests.remote().result()
+
+
+def in_flight(app) -> int:
+    return app.router().admission.remote().result()["in_flight"]
+
+
+def idle(app) -> None:
+    assert wait_until(lambda: engine_running(app) == 0 and in_flight(app) == 0, timeout=10, interval=0.1) < 10
+
+
+def test_the_openai_client_gets_answers_streamed_or_not(app):
+    client = app.client()
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert chat.choices[0].message.content == "tok0 tok1 tok2 " and chat.usage.completion_tokens == 3
+    stream = client.completions.create(model=MODEL, prompt="fox", max_tokens=4, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "tok0 tok1 tok2 tok3 "
+    assert chunks[-1].usage.completion_tokens == 4
+    idle(app)
+
+
+def test_past_the_queue_a_request_gets_a_429_envelope_at_once_and_slots_come_back(app):
+    """MAX_CONCURRENCY=2 run, MAX_QUEUED_REQUESTS=1 waits; the next is told at once."""
+    idle(app)
+    holders = [httpx.Client(timeout=30) for _ in range(2)]
+    streams = []
+    queued = threading.Thread(target=lambda: httpx.post(f"{app.base_url}/v1/completions", json=LONG, timeout=30))
+    try:
+        for client in holders:  # each returns once its answer has begun: a slot is taken
+            request = client.build_request("POST", f"{app.base_url}/v1/completions", json={**LONG, "stream": True})
+            streams.append(client.send(request, stream=True))
+        queued.start()
+        assert wait_until(lambda: app.router().admission.remote().result()["queued"] == 1, timeout=5, interval=0.05) < 5
+        started = time.monotonic()
+        rejected = httpx.post(f"{app.base_url}/v1/completions", json=LONG, timeout=10)
+        answered_in = time.monotonic() - started
+        assert rejected.status_code == 429, rejected.text
+        assert rejected.json()["error"]["type"] == "RateLimitError" and rejected.headers["retry-after"] == "1"
+        assert answered_in < 1.0
+    finally:
+        for response in streams:
+            response.close()
+        for client in holders:
+            client.close()
+        queued.join()  # it got a slot once the streams closed, and ran into REQUEST_TIMEOUT or finished
+    idle(app)  # the closed streams aborted their requests and released their slots
+
+
+def test_a_client_that_leaves_aborts_its_request_streaming_or_not(app):
+    idle(app)
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", f"{app.base_url}/v1/completions", json={**LONG, "stream": True}) as response:
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        tokens = [json.loads(next(events)[6:])["choices"][0]["text"] for _ in range(3)]
+        assert response.status_code == 200 and tokens == ["tok0 ", "tok1 ", "tok2 "]  # it is generating
+    started = time.monotonic()
+    idle(app)
+    assert time.monotonic() - started < 5
+
+    def give_up() -> None:
+        try:
+            httpx.post(f"{app.base_url}/v1/chat/completions", timeout=0.5,
+                       json={"model": MODEL, "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]})
+        except httpx.TimeoutException:
+            pass
+
+    waiters = [threading.Thread(target=give_up) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join()
+    started = time.monotonic()
+    idle(app)
+    assert time.monotonic() - started < 5
+
+
+def test_past_request_timeout_the_caller_gets_a_504_envelope(app):
+    answer = httpx.post(f"{app.base_url}/v1/completions", json=LONG, timeout=30)
+    assert answer.status_code == 504 and answer.json()["error"]["type"] == "TimeoutError", answer.text
+    idle(app)
+
+
+def test_bad_input_gets_its_envelope_and_the_service_keeps_serving(app):
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        malformed = http.post("/v1/chat/completions", content=b"{not json",
+                              headers={"content-type": "application/json"})
+        too_many = http.post("/v1/completions", json={**LONG, "n": 9})
+        fan_out = http.post("/v1/completions", json={**LONG, "prompt": ["a"] * 300, "n": 4})
+        unknown = http.post("/v1/completions", json={**LONG, "model": "nope"})
+        served = http.post("/v1/completions", json={"model": MODEL, "prompt": "fox", "max_tokens": 2})
+    assert (malformed.status_code, malformed.json()["error"]["param"]) == (400, "body.1")
+    assert (too_many.status_code, too_many.json()["error"]["param"]) == (400, "n")
+    assert (fan_out.status_code, fan_out.json()["error"]["param"]) == (400, "prompt")
+    assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "NotFoundError")
+    assert served.status_code == 200
+    idle(app)
+
+
+def test_a_native_job_streams_in_batches_that_grow(app):
+    native = app.router().options(stream=True).native
+    batches = list(native.remote({"prompt": "fox", "stream": True, "sampling_params": {"max_tokens": 40}},
+                                 uuid.uuid4().hex))
+    sizes = [len(batch["choices"][0]["tokens"]) for batch in batches]
+    assert sum(sizes) == 40 and sizes[0] == 1 and sizes[:3] == [1, 3, 9], sizes
+    assert batches[-1]["usage"]["output"] == 40
+    idle(app)
