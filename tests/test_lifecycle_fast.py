@@ -14,8 +14,10 @@ import httpx
 import pytest
 from ray import serve
 
+from deployments.app import APP_NAME
 from deployments.fake_engine import FakeEngineServer
 from tests.faults import wait_until
+from tests.workers import free_port, start_worker, stop_worker, wait_http, worker_env
 
 MODEL = "fake"
 # The fake model writes one token every 10 ms: 1000 tokens hold a request ~10 s.
@@ -24,7 +26,9 @@ LONG = {"model": MODEL, "prompt": "fox", "max_tokens": 1000}
 
 @pytest.fixture(scope="module")
 def app(apps):
-    running = apps.start("fast", {
+    # Named as the RunPod worker expects its app (deployments.app.APP_NAME); stopped at the end of
+    # the module, before test_runpod_smol starts the real one under that name.
+    running = apps.start(APP_NAME, {
         "MODEL_NAME": MODEL,
         "MAX_MODEL_LEN": 4096,
         "MAX_CONCURRENCY": 2,
@@ -33,7 +37,7 @@ def app(apps):
         "REQUEST_TIMEOUT": 4,
     }, engine_class=FakeEngineServer)
     yield running
-    apps.stop("fast")
+    apps.stop(APP_NAME)
 
 
 def engine_running(app) -> int:
@@ -144,4 +148,32 @@ def test_a_native_job_streams_in_batches_that_grow(app):
     sizes = [len(batch["choices"][0]["tokens"]) for batch in batches]
     assert sum(sizes) == 40 and sizes[0] == 1 and sizes[:3] == [1, 3, 9], sizes
     assert batches[-1]["usage"]["output"] == 40
+    idle(app)
+
+
+@pytest.fixture(scope="module")
+def local_api(app, tmp_path_factory):
+    """The RunPod worker (`python -m handler`, the real runpod SDK's local test API) on this app."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("worker") / "local-api.log"
+    process = start_worker(["--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
+                           worker_env(), log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/docs", process, log)
+        yield httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    finally:
+        stop_worker(process)
+
+
+def test_runpod_jobs_through_the_worker(app, local_api):
+    job_input = {"prompt": "fox", "sampling_params": {"max_tokens": 3}}
+    [whole] = local_api.post("/runsync", json={"input": job_input}).json()["output"]
+    assert whole["choices"][0]["tokens"] == ["tok0 tok1 tok2 "] and whole["usage"]["output"] == 3
+    job = local_api.post("/run", json={"input": {"prompt": "fox", "stream": True,
+                                                 "sampling_params": {"max_tokens": 20}}}).json()
+    stream = local_api.post(f"/stream/{job['id']}").json()
+    assert stream["status"] == "COMPLETED", stream
+    assert [len(item["output"]["choices"][0]["tokens"]) for item in stream["stream"]] == [1, 3, 9, 7]
+    bad = local_api.post("/runsync", json={"input": {"prompt": "x", "sampling_params": {"temprature": 1}}}).json()
+    assert "temprature" in bad["output"][-1]["error"]
     idle(app)
