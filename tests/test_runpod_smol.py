@@ -202,15 +202,21 @@ def test_production_loop_streams_partial_results_in_order(queue_worker):
     assert [o["usage"]["output"] for o in streamed] == [1, 4, 13, 40]
 
 
-def test_production_loop_stop_aborts_the_request_in_the_engine(queue_worker):
-    queue, _, _ = queue_worker
-    job_id = f"stop-{uuid.uuid4().hex[:6]}"
+def start_long_streaming_job(queue, name: str) -> str:
+    """A job that streams for minutes, once its first batch has arrived."""
+    job_id = f"{name}-{uuid.uuid4().hex[:6]}"
     queue.submit(job_id, {"prompt": "Count forever:", "stream": True,
                           "sampling_params": {"max_tokens": 1800, "ignore_eos": True}})
     deadline = time.monotonic() + 120
     while not queue.streams.get(job_id) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert queue.streams.get(job_id), "the job never streamed"
+    return job_id
+
+
+def test_production_loop_stop_aborts_the_request_in_the_engine(queue_worker):
+    queue, _, _ = queue_worker
+    job_id = start_long_streaming_job(queue, "stop")
     assert engine_running() >= 1
     queue.stop(job_id)
     stopped = time.monotonic()
@@ -228,13 +234,7 @@ def test_production_loop_fails_a_job_whose_router_dies_and_takes_the_next(queue_
     wait_until(lambda: len(replica_ids(smol_app.name, "Router")) == 1, timeout=60)
     (router,) = replica_ids(smol_app.name, "Router")
     actor = replica_actor(smol_app.name, router, "Router")
-    job_id = f"router-dies-{uuid.uuid4().hex[:6]}"
-    queue.submit(job_id, {"prompt": "Count forever:", "stream": True,
-                          "sampling_params": {"max_tokens": 1800, "ignore_eos": True}})
-    deadline = time.monotonic() + 120
-    while not queue.streams.get(job_id) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert queue.streams.get(job_id), "the job never streamed"
+    job_id = start_long_streaming_job(queue, "router-dies")
     ray.kill(actor, no_restart=True)
     result = queue.wait_result(job_id, timeout=60)
     assert "output" not in result, result  # FAILED
