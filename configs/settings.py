@@ -26,6 +26,13 @@ class LogFormat(str, Enum):
     JSON = "json"
 
 
+class StreamTransport(str, Enum):
+    """How a streamed body gets from an engine replica to the router."""
+
+    CHANNEL = "channel"  # the router's stream channel (deployments.stream_channel)
+    SERVE = "serve"  # Serve's streamed handle call, one message per part
+
+
 class PlacementStrategy(str, Enum):
     STRICT_PACK = "STRICT_PACK"
     PACK = "PACK"
@@ -203,6 +210,12 @@ class Settings(BaseModel):
         4 * 1024 * 1024, "Bytes of a stream's output the router holds for a client that reads slower than the "
         "engine writes; past that the request is aborted (the memory a stalled reader can cost).", INGRESS,
         ge=64 * 1024,
+    )
+    STREAM_TRANSPORT: StreamTransport = _field(
+        StreamTransport.CHANNEL, "How streamed output travels from an engine replica to the router: `channel` "
+        "(one TCP connection per replica pair carries every stream's parts, written once per engine step) or "
+        "`serve` (Serve's streamed handle call, one message per part). The same answers, limits and aborts "
+        "either way; `channel` costs less CPU per streamed token.", INGRESS,
     )
     ALLOWED_MEDIA_DOMAINS: str | None = _field(
         None, "Host names a request's media URLs (images, audio, video for a multimodal model) may name, "

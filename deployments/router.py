@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.placement import per_router_limit
 from configs.ray_env import HANDLE_SERIALIZATION
-from configs.settings import Settings
+from configs.settings import Settings, StreamTransport
 from deployments.cluster_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deployments.cluster_metrics import scrape_cluster
 from deployments.errors import (
@@ -56,7 +56,7 @@ from deployments.observability import RequestObserver, RequestRecord, RouterMetr
 from deployments.request_models import RequestSchemas
 from deployments.routes import ANTHROPIC_ROUTES, INVOCATIONS, engine_route, invocation_route, speaks_anthropic
 from deployments.shared_fetch import SharedFetch
-from deployments.stream_channel import ChanneledStream, StreamInbox
+from deployments.stream_channel import ChanneledStream, ServeStream, StreamInbox
 
 logger = logging.getLogger("ray.serve")
 
@@ -390,8 +390,12 @@ class Router:
         await self._limiter.acquire()
         self._observer.update_gauges()
 
-    def _call_engine(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> ChanneledStream:
-        """One call to the engine deployment: its head through Serve, a streamed body through the channel."""
+    def _call_engine(self, method: str, path: str, headers: list[tuple[str, str]],
+                     body: bytes) -> ChanneledStream | ServeStream:
+        """One call to the engine deployment: its head through Serve, a streamed body through the
+        channel (or, with STREAM_TRANSPORT=serve, through Serve's streamed call as well)."""
+        if self._settings.STREAM_TRANSPORT is StreamTransport.SERVE:
+            return ServeStream(self._engine_http, method, path, headers, body)
         return ChanneledStream(self._inbox, self._engine_http, method, path, headers, body)
 
     def _deadline(self) -> float:

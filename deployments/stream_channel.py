@@ -330,6 +330,50 @@ class ChanneledStream:
         self._close()
 
 
+class ServeStream:
+    """The engine's answer to one call as Serve's own streamed call carries it (STREAM_TRANSPORT=
+    serve): the ResponseHead, then every body part as a message of the call. ChanneledStream's
+    interface, so the router reads either the same way."""
+
+    def __init__(self, call: Any, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self._call_method = call
+        self._request = (method, path, headers, body)
+        self._call: Any = None
+        self._failure: BaseException | None = None
+        self._cancelled = False
+
+    def __aiter__(self) -> ServeStream:
+        return self
+
+    async def __anext__(self) -> ResponseHead | bytes:
+        if self._failure is not None:
+            raise self._failure
+        if self._call is None:
+            if self._cancelled:
+                raise asyncio.CancelledError
+            self._call = self._call_method.remote(*self._request)
+        try:
+            return await self._call.__anext__()
+        except (StopAsyncIteration, asyncio.CancelledError):
+            raise
+        except Exception:
+            if self._failure is not None:  # expired: the call's cancellation is the deadline's 504
+                raise self._failure from None
+            raise
+
+    def expire(self, exc: BaseException) -> None:
+        """A deadline passed: the call is cancelled (vLLM aborts the request); the reader gets `exc`."""
+        self._failure = exc
+        if self._call is not None:
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """The client left or the stream ended: the call is cancelled (vLLM aborts the request)."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+
 # --- engine side --------------------------------------------------------------------------------
 class _Sender(asyncio.Protocol):
     """One connection to a router replica. Parts written in one turn of the event loop leave in one

@@ -24,19 +24,31 @@ MODEL = "fake"
 LONG = {"model": MODEL, "prompt": "fox", "max_tokens": 1000}
 
 
-@pytest.fixture(scope="module")
-def app(apps):
-    # Named as the RunPod worker expects its app (deployments.app.APP_NAME); stopped at the end of
-    # the module, before test_runpod_smol starts the real one under that name.
-    running = apps.start(APP_NAME, {
+def start_fast_app(apps, name: str, transport: str):
+    return apps.start(name, {
         "MODEL_NAME": MODEL,
         "MAX_MODEL_LEN": 4096,
         "MAX_CONCURRENCY": 2,
         "MAX_QUEUED_REQUESTS": 1,
         "MAX_N": 4,
         "REQUEST_TIMEOUT": 4,
+        "STREAM_TRANSPORT": transport,
     }, engine_class=FakeEngineServer)
-    yield running
+
+
+@pytest.fixture(scope="module", params=["channel", "serve"])
+def app(apps, request):
+    """Every lifecycle test runs on both stream transports (STREAM_TRANSPORT)."""
+    name = f"fast-{request.param}"
+    yield start_fast_app(apps, name, request.param)
+    apps.stop(name)
+
+
+@pytest.fixture(scope="module")
+def llm_app(apps):
+    # Named as the RunPod worker expects its app (deployments.app.APP_NAME); stopped at the end of
+    # the module, before test_runpod_smol starts the real one under that name.
+    yield start_fast_app(apps, APP_NAME, "channel")
     apps.stop(APP_NAME)
 
 
@@ -152,7 +164,7 @@ def test_a_native_job_streams_in_batches_that_grow(app):
 
 
 @pytest.fixture(scope="module")
-def local_api(app, tmp_path_factory):
+def local_api(llm_app, tmp_path_factory):
     """The RunPod worker (`python -m handler`, the real runpod SDK's local test API) on this app."""
     port = free_port()
     log = tmp_path_factory.mktemp("worker") / "local-api.log"
@@ -165,7 +177,8 @@ def local_api(app, tmp_path_factory):
         stop_worker(process)
 
 
-def test_runpod_jobs_through_the_worker(app, local_api):
+def test_runpod_jobs_through_the_worker(llm_app, local_api):
+    app = llm_app
     job_input = {"prompt": "fox", "sampling_params": {"max_tokens": 3}}
     [whole] = local_api.post("/runsync", json={"input": job_input}).json()["output"]
     assert whole["choices"][0]["tokens"] == ["tok0 tok1 tok2 "] and whole["usage"]["output"] == 3

@@ -339,3 +339,60 @@ def test_a_full_socket_holds_the_streams_until_it_drains():
         assert await relaying == BodyEnd(2)
 
     with_channel(scenario)
+
+
+class _FakeCall:
+    """Serve's streamed call: the items, then StopAsyncIteration; cancel() fails the next read."""
+
+    def __init__(self, items):
+        self._items = list(items)
+        self.cancelled = False
+
+    async def __anext__(self):
+        if self.cancelled:
+            from ray.serve.exceptions import RequestCancelledError
+
+            raise RequestCancelledError("call")
+        if not self._items:
+            raise StopAsyncIteration
+        return self._items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _FakeMethod:
+    def __init__(self, items):
+        self.items, self.calls = items, []
+
+    def remote(self, *request):
+        self.calls.append(_FakeCall(self.items))
+        return self.calls[-1]
+
+
+def test_a_serve_stream_reads_like_a_channeled_one():
+    from deployments.stream_channel import ServeStream
+
+    async def main():
+        method = _FakeMethod([(200, [], b"data: 1\n\n", True), b"data: 2\n\n"])
+        stream = ServeStream(method, "POST", "/v1/completions", [], b"{}")
+        assert method.calls == []  # the call starts with the first read, as the channel's does
+        assert [item async for item in stream] == [(200, [], b"data: 1\n\n", True), b"data: 2\n\n"]
+
+        expired = ServeStream(_FakeMethod([(200, [], b"", True), b"x"]), "POST", "/", [], b"")
+        await expired.__anext__()
+        expired.expire(TimeoutError("deadline"))
+        try:
+            await expired.__anext__()
+        except TimeoutError as exc:
+            assert str(exc) == "deadline"
+        else:
+            raise AssertionError("an expired stream must raise the deadline's error")
+
+        cancelled_method = _FakeMethod([(200, [], b"", True)])
+        cancelled = ServeStream(cancelled_method, "POST", "/", [], b"")
+        await cancelled.__anext__()
+        cancelled.cancel()
+        assert cancelled_method.calls[0].cancelled
+
+    asyncio.run(main())

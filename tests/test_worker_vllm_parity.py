@@ -93,6 +93,8 @@ def app(apps, tiny_model: Path, volume: Path, tmp_path_factory, ping_during_star
             # The one media host this app allows (test_an_allowed_media_host_passes_the_ingress).
             "ALLOWED_MEDIA_DOMAINS": "127.0.0.2",
             "ROUTER_REPLICAS": 2,
+            # The one app on Serve's own streamed calls (the others: the stream channel).
+            "STREAM_TRANSPORT": "serve",
         })
         # Until the first 200 (the proxy may learn the route a moment after serve.run returns).
         deadline = time.monotonic() + 60
@@ -201,6 +203,27 @@ def test_an_allowed_media_host_passes_the_ingress(app):
     assert "ALLOWED_MEDIA_DOMAINS" not in allowed.text and "non-public" not in allowed.text
     assert allowed.json().get("error", {}).get("param") != "messages[0].content[1].image_url.url", allowed.text
     assert other.status_code == 400 and "ALLOWED_MEDIA_DOMAINS" in other.json()["error"]["message"]
+
+
+def test_on_serves_stream_transport_streams_match_and_a_disconnect_aborts(app):
+    """STREAM_TRANSPORT=serve: streamed parts come as Serve messages, not through the channel; the
+    streamed text is the whole answer's, and a client that leaves aborts the request."""
+    from ray import serve
+
+    client = app.client()
+    body = {"model": SERVED, "messages": [{"role": "user", "content": "Count to ten"}], "max_tokens": 24,
+            "temperature": 0}
+    whole = client.chat.completions.create(**body).choices[0].message.content
+    chunks = client.chat.completions.create(**body, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+
+    def engine_running() -> int:
+        return serve.get_deployment_handle("EngineServer", app.name).running_requests.remote().result()
+
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{app.base_url}/v1/completions", json={
+            "model": SERVED, "prompt": "fox", "max_tokens": 480, "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200 and next(r.iter_lines()).startswith("data: ")
+    assert wait_until(lambda: engine_running() == 0, timeout=5, interval=0.1) < 5
 
 
 def test_with_two_routers_the_other_serves_while_one_is_replaced(app):
