@@ -42,7 +42,7 @@ test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The fast loop: the unit tests and the request lifecycle on a real Serve app whose engine is the
-# fake one (deployments/fake_engine.py). No vLLM engine starts. `make test` runs these too.
+# fake one (deployments/engine/fake.py). No vLLM engine starts. `make test` runs these too.
 FAST_TESTS := $(wildcard tests/*_unit.py) tests/test_configs.py tests/test_lifecycle_fast.py
 test-fast: install
 	$(VPY) -m pytest $(FAST_TESTS) $(PYTEST_ARGS)

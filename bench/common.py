@@ -26,7 +26,7 @@ RAY_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 BARE, OURS, RAYLLM = "bare", "ours", "rayllm"
 LABELS = {
     BARE: "bare vLLM server",
-    OURS: "ours (Serve: Router -> EngineServer)",
+    OURS: "ours (Serve: Ingress -> EngineServer)",
     RAYLLM: "Ray Serve LLM",
 }
 STREAM, NONSTREAM, NATIVE = "stream", "nonstream", "native"

@@ -55,7 +55,7 @@ OWNED_ARGUMENTS: dict[str, str] = {
     "pp": "PIPELINE_PARALLEL_SIZE",
 }
 
-# Options of vLLM's HTTP server itself (Serve's proxy and our router replace it). Common names such
+# Options of vLLM's HTTP server itself (Serve's proxy and our ingress replace it). Common names such
 # as HOST or PORT are set in many containers, so the environment's copies are not ours to read;
 # naming one in the Serve config's args is an error.
 SERVER_ONLY_ARGUMENTS: dict[str, str] = {

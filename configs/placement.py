@@ -21,13 +21,13 @@ def placement_bundles(tensor_parallel: int, pipeline_parallel: int, accelerator:
 
 
 def engine_max_ongoing_requests(settings: Settings) -> int:
-    # Enough to keep the engine's batch full, and never below what the router admits: the router's
+    # Enough to keep the engine's batch full, and never below what the ingress admits: the ingress's
     # limit (MAX_CONCURRENCY) is what rejects, not Serve's queue in front of the engine.
     return max(settings.MAX_NUM_SEQS, settings.MAX_CONCURRENCY) + 16
 
 
 def router_max_ongoing_requests(settings: Settings) -> int:
-    # The router admits MAX_CONCURRENCY and queues MAX_QUEUED_REQUESTS itself (answering 429 past
+    # The ingress admits MAX_CONCURRENCY and queues MAX_QUEUED_REQUESTS itself (answering 429 past
     # that); Serve's own limit sits above so that our envelope, not Serve's bare 503, is what callers see.
     return settings.MAX_CONCURRENCY + settings.MAX_QUEUED_REQUESTS + 64
 
@@ -57,13 +57,13 @@ def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> d
     return options
 
 
-def router_deployment_options(settings: Settings) -> dict[str, Any]:
+def ingress_deployment_options(settings: Settings) -> dict[str, Any]:
     return {
         "num_replicas": settings.ROUTER_REPLICAS,
-        # The router is I/O-bound; it must not take a CPU an engine bundle needs.
+        # The ingress is I/O-bound; it must not take a CPU an engine bundle needs.
         "ray_actor_options": {"num_cpus": 0},
         "max_ongoing_requests": router_max_ongoing_requests(settings),
-        # The router writes one line per request itself (id, route, status, tokens, latency, TTFT);
+        # The ingress writes one line per request itself (id, route, status, tokens, latency, TTFT);
         # Serve's access line would repeat it, at the cost of a second formatted, flushed record.
         "logging_config": {"enable_access_log": False},
         "graceful_shutdown_timeout_s": 60,
@@ -72,7 +72,7 @@ def router_deployment_options(settings: Settings) -> dict[str, Any]:
 
 
 def per_router_limit(total: int, router_replicas: int, least: int = 1) -> int:
-    """MAX_CONCURRENCY and MAX_QUEUED_REQUESTS are the app's; each router replica enforces its share
+    """MAX_CONCURRENCY and MAX_QUEUED_REQUESTS are the app's; each ingress replica enforces its share
     (rounded up: the shares cover the total), at least `least`."""
     return max(least, math.ceil(total / max(1, router_replicas)))
 

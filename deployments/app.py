@@ -1,4 +1,4 @@
-"""The app builder: settings in, a Serve application (router -> engine) out. Used by `make serve`
+"""The app builder: settings in, a Serve application (ingress -> engine) out. Used by `make serve`
 (`deployments.serve_main`), `serve run|deploy serve_config.yaml` (import path
 `deployments.app:build_app`) and the RunPod handler."""
 
@@ -9,18 +9,18 @@ from typing import Any
 from ray.serve import Application
 
 from configs.loader import load_settings
-from configs.placement import engine_deployment_options, router_deployment_options
+from configs.placement import engine_deployment_options, ingress_deployment_options
 from configs.platform import default_tensor_parallel_size, gpus_per_node, resolve_accelerator
 from configs.settings import Accelerator, Settings
-from deployments.engine import engine_deployment
-from deployments.router import router_deployment
+from deployments.engine.server import engine_deployment
+from deployments.ingress.server import ingress_deployment
 
 APP_NAME = "llm"
 ROUTE_PREFIX = "/"
 
 
 def build_app_from_settings(settings: Settings, engine_class: type | None = None) -> Application:
-    """`engine_class` replaces vLLM's engine deployment (deployments.fake_engine, for `make test-fast`)."""
+    """`engine_class` replaces vLLM's engine deployment (deployments.engine.fake, for `make test-fast`)."""
     accelerator = resolve_accelerator(settings.ACCELERATOR)
     if settings.TENSOR_PARALLEL_SIZE is None:
         tp = default_tensor_parallel_size(accelerator, gpus_per_node() if accelerator is Accelerator.GPU else [])
@@ -28,7 +28,7 @@ def build_app_from_settings(settings: Settings, engine_class: type | None = None
     options = engine_deployment_options(settings, accelerator)
     deployment = engine_deployment(options) if engine_class is None else engine_deployment(options, engine_class)
     engine = deployment.bind(settings, accelerator)
-    return router_deployment(router_deployment_options(settings)).bind(engine, settings)
+    return ingress_deployment(ingress_deployment_options(settings)).bind(engine, settings)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

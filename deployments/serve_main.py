@@ -38,7 +38,7 @@ def health_url(host: str, port: int) -> str:
 def wait_until_healthy(url: str, timeout_s: float, stop: threading.Event, poll_s: float = READY_POLL_S) -> str | None:
     """Poll `/health` until it answers 200; None then, else the last answer when time runs out or
     `stop` is set. `serve.run` returns once the replicas are up, but HAProxy starts routing to the
-    router a moment later and answers 404/503 of its own until then: "Serving" is printed after."""
+    ingress a moment later and answers 503s of its own until then: "Serving" is printed after."""
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # not the shell's HTTP proxy
     deadline = time.monotonic() + timeout_s
     last = "no answer"

@@ -1,4 +1,4 @@
-"""The RunPod serverless worker: jobs go to the router deployment through a Serve handle.
+"""The RunPod serverless worker: jobs go to the ingress deployment through a Serve handle.
 
 It connects to Ray (RAY_ADDRESS, else a local head), attaches to the running Serve app or deploys
 it from the same settings (in a Ray task, so this process never imports vLLM), then hands
@@ -49,7 +49,7 @@ def _deploy_app(args: dict[str, Any] | None = None) -> None:
 
 
 def connect(settings: Settings) -> DeploymentHandle:
-    """Ray + the router's handle, deploying the app first when it isn't running."""
+    """Ray + the ingress's handle, deploying the app first when it isn't running."""
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(settings, os.cpu_count() or 1))
     if _app_status() != "RUNNING":
@@ -69,23 +69,23 @@ def _app_status() -> str | None:
 
 
 def job_failure_message(exc: Exception) -> str:
-    """What a job's caller reads when the router call itself failed (not a request error, which
-    the router reports as `{"error": ...}` output of its own)."""
+    """What a job's caller reads when the ingress call itself failed (not a request error, which
+    the ingress reports as `{"error": ...}` output of its own)."""
     first_line = (str(exc).strip().splitlines() or [""])[0][:300]
     return (f"The job's ingress call failed ({type(exc).__name__}: {first_line}); "
             "the job did not finish and can be retried.")
 
 
-def make_handler(router: DeploymentHandle):
+def make_handler(ingress: DeploymentHandle):
     native = None
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
-        """One RunPod job -> the router's native path. `{"error": ...}` marks the job FAILED."""
+        """One RunPod job -> the ingress's native path. `{"error": ...}` marks the job FAILED."""
         nonlocal native
         if native is None:
             # Configured once, inside runpod's event loop: with Ray Serve's throughput mode the
-            # handle's router runs on the loop that first uses it.
-            native = router.options(stream=True, **HANDLE_SERIALIZATION).native
+            # handle's (Serve's) request router runs on the loop that first uses it.
+            native = ingress.options(stream=True, **HANDLE_SERIALIZATION).native
         responses = native.remote(job.get("input"), str(job.get("id", "")))
         # RunPod stops a job by cancelling its task. Often the task is then awaiting the SDK's
         # upload of the last output, not this generator: the generator stays suspended at its
@@ -97,13 +97,13 @@ def make_handler(router: DeploymentHandle):
         try:
             async for output in responses:
                 yield output
-        except Exception as exc:  # the router replica died or was unreachable mid-job
+        except Exception as exc:  # the ingress replica died or was unreachable mid-job
             # runpod's SDK would fail the job with the exception's repr and a traceback; the caller
             # gets one sentence instead, and the worker takes its next job as before.
             logger.warning("job %s: the ingress call failed: %r", job.get("id"), exc)
             yield {"error": job_failure_message(exc)}
         finally:
-            # Cancelling the handle call cancels the router's job; the engine aborts the request.
+            # Cancelling the handle call cancels the ingress's job; the engine aborts the request.
             responses.cancel()
 
     return handler
@@ -156,12 +156,12 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO)
     settings = load_settings(forward_engine_args=False)
-    router = connect(settings)
+    ingress = connect(settings)
     threading.Thread(
         target=watch_health, args=(settings.UNHEALTHY_EXIT_SECONDS,), daemon=True, name="health-watch"
     ).start()
     sys.argv = with_default_local_port(sys.argv)
-    handler = make_handler(router)
+    handler = make_handler(ingress)
     runpod.serverless.start({
         "handler": one_shot(handler) if is_one_shot_local_test(sys.argv) else handler,
         "return_aggregate_stream": True,

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.asgi_bridge import stream_asgi
+from deployments.transport.asgi_bridge import stream_asgi
 
 
 async def collect(app: Any, method: str = "GET", path: str = "/", body: bytes = b"",
@@ -466,7 +466,7 @@ def test_http_only_middleware_is_dropped_from_the_in_process_app():
     from starlette.middleware.base import BaseHTTPMiddleware
     from starlette.middleware.cors import CORSMiddleware
 
-    from deployments.engine import without_http_only_middleware
+    from deployments.engine.server import without_http_only_middleware
 
     class Marker(BaseHTTPMiddleware):
         async def dispatch(self, request, call_next):

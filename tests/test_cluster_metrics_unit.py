@@ -1,8 +1,8 @@
-"""deployments.cluster_metrics: two nodes' expositions merged into one Prometheus accepts."""
+"""deployments.ingress.cluster_metrics: two nodes' expositions merged into one Prometheus accepts."""
 
 from __future__ import annotations
 
-from deployments.cluster_metrics import merge_expositions
+from deployments.ingress.cluster_metrics import merge_expositions
 
 NODE_A = """# HELP ray_llm_router_requests_total Requests.
 # TYPE ray_llm_router_requests_total counter

@@ -19,11 +19,11 @@ from configs.engine_args import cpu_thread_binding, executor_backend, vllm_cli_a
 from configs.loader import SettingsError, load_settings
 from configs.placement import (
     engine_deployment_options,
+    ingress_deployment_options,
     logical_cpus_needed,
     per_router_limit,
     placement_bundles,
     ray_init_kwargs,
-    router_deployment_options,
 )
 from configs.platform import accelerator_from_resources, resolve_accelerator
 from configs.settings import (
@@ -792,12 +792,12 @@ def test_engine_max_ongoing_requests_covers_batch_and_concurrency(seqs, concurre
 @pytest.mark.parametrize(("concurrency", "queued"), [(300, 300), (1, 0), (50, 1000)])
 def test_router_deployment_options(concurrency, queued):
     s = settings(MAX_CONCURRENCY=concurrency, MAX_QUEUED_REQUESTS=queued)
-    options = router_deployment_options(s)
+    options = ingress_deployment_options(s)
     assert options["num_replicas"] == 1
     assert options["ray_actor_options"]["num_cpus"] == 0
     # Serve's own limit must sit above what the router admits and queues (the router answers 429).
     assert options["max_ongoing_requests"] > concurrency + queued
-    assert router_deployment_options(settings(ROUTER_REPLICAS=3))["num_replicas"] == 3
+    assert ingress_deployment_options(settings(ROUTER_REPLICAS=3))["num_replicas"] == 3
     # The router's own request line replaces Serve's access line.
     assert options["logging_config"] == {"enable_access_log": False}
 

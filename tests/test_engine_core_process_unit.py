@@ -1,4 +1,4 @@
-"""deployments.engine_core_process without vLLM: the engine core follows its replica's exit."""
+"""deployments.engine.core_process without vLLM: the engine core follows its replica's exit."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from deployments.engine_core_process import supported
+from deployments.engine.core_process import supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="pidfd: Linux only (so is the fork server path)")
 
 FOLLOWER = """
 import sys, time
-from deployments.engine_core_process import end_with_process
+from deployments.engine.core_process import end_with_process
 end_with_process(int(sys.argv[1]), grace_s=float(sys.argv[2]))
 {after}
 print("watching", flush=True)

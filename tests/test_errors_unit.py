@@ -10,7 +10,7 @@ import pytest
 import ray.exceptions
 from ray.serve.exceptions import BackPressureError
 
-from deployments.errors import (
+from deployments.ingress.errors import (
     ClientError,
     EngineUnavailable,
     NotFound,
@@ -25,7 +25,7 @@ from deployments.errors import (
     sse_error_event,
     status_for,
 )
-from deployments.native import NativeInputError
+from deployments.runpod_format.native import NativeInputError
 
 
 def assert_envelope(body: dict, message: str | None, err_type: str, code: int, param: str | None) -> None:
@@ -206,7 +206,7 @@ def test_anthropic_sse_error_event_is_one_error_event():
 
 
 def test_a_request_past_its_deadline_is_a_504():
-    from deployments.errors import RequestTimeout
+    from deployments.ingress.errors import RequestTimeout
 
     status, body = error_body(RequestTimeout("did not finish within REQUEST_TIMEOUT (5 s)"))
     assert status == 504

@@ -17,7 +17,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.process_title import ANCHOR
+from deployments.engine.process_title import ANCHOR
 from tests.apps import SERVE_PORT
 from tests.faults import (
     drain,
@@ -134,8 +134,8 @@ def test_streams_nobody_reads_cost_bounded_memory_and_give_their_slots_back(app)
     them; STREAM_BUFFER_BYTES and STREAM_STALL_TIMEOUT are exercised over real sockets in
     test_stream_channel_unit and test_router_unit."""
     settings = app.settings
-    (router,) = replica_ids(app.name, "Router")
-    router_process = replica_process(app.name, router, "Router")
+    (router,) = replica_ids(app.name, "Ingress")
+    router_process = replica_process(app.name, router, "Ingress")
     rss_before = router_process.memory_info().rss
     body = {"model": "tiny", "prompt": "fox", "max_tokens": 480, "ignore_eos": True, "n": 128, "stream": True}
     sockets = [unread_stream(app, body) for _ in range(16)]
@@ -174,9 +174,9 @@ def test_a_router_killed_mid_stream_cuts_it_and_every_caller_gets_an_answer(app)
     callers meanwhile get a 503 envelope or are held until Serve's new router serves them (never
     a text/plain body, a 404 or a hang), the engine aborts the orphaned request, and new requests
     succeed on the new router."""
-    (router,) = replica_ids(app.name, "Router")
-    process = replica_process(app.name, router, "Router")
-    actor = replica_actor(app.name, router, "Router")
+    (router,) = replica_ids(app.name, "Ingress")
+    process = replica_process(app.name, router, "Ingress")
+    actor = replica_actor(app.name, router, "Ingress")
     sock = unread_stream(app, {"model": "tiny", "prompt": "fox", "max_tokens": 480, "ignore_eos": True,
                                "n": 128, "stream": True})
     answers: list[tuple[int, str, str | None, dict | None]] = []
@@ -227,7 +227,7 @@ def test_a_router_killed_mid_stream_cuts_it_and_every_caller_gets_an_answer(app)
 
 
 def test_engine_core_is_forked_from_a_preloaded_fork_server_with_the_replica_environment(app):
-    """deployments.engine_core_process: the engine core skips spawn's second vLLM import, yet runs
+    """deployments.engine.core_process: the engine core skips spawn's second vLLM import, yet runs
     with the environment vLLM set for it in the replica after the fork server had started."""
     (replica,) = replica_ids(app.name)
     replica_proc = replica_process(app.name, replica)
@@ -241,7 +241,7 @@ def test_engine_core_is_forked_from_a_preloaded_fork_server_with_the_replica_env
     assert "LOCAL_WORLD_SIZE" not in forkserver.environ()
     (worker,) = vllm_processes(core.children(), "Worker")
     assert worker.environ()["LOCAL_WORLD_SIZE"] == "1"
-    # Each started with deployments.process_title's anchor as its first variable, whatever order
+    # Each started with deployments.engine.process_title's anchor as its first variable, whatever order
     # Ray gave the replica's environment: what keeps vLLM's titles (found above) from being lost.
     for process in (forkserver, core, worker):
         first = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"=", 1)[0].decode()

@@ -116,7 +116,7 @@ def test_api_keys_never_reach_the_logs(app):
         except (IsADirectoryError, PermissionError, FileNotFoundError):
             continue
     blob = "\n".join(texts)
-    assert "llm_router" in blob or "Router" in blob  # the logs were really read
+    assert "llm_router" in blob or "Ingress" in blob  # the logs were really read
     assert not any(key in blob for key in KEYS)
 
 
@@ -401,7 +401,7 @@ def test_the_router_replica_never_loads_vllm(app):
     assert post(app, "/v1/chat/completions", chat_body()).status_code == 200
     with httpx.Client(base_url=app.base_url, timeout=30) as http:
         assert http.get("/openapi.json").status_code == 200
-    routers, engines = _replica_pids("Router"), _replica_pids("EngineServer")
+    routers, engines = _replica_pids("Ingress"), _replica_pids("EngineServer")
     assert routers and engines
     assert not any(_loaded_vllm(pid) for pid in routers)
     assert all(_loaded_vllm(pid) for pid in engines)  # what the check sees when vLLM is there
@@ -409,7 +409,7 @@ def test_the_router_replica_never_loads_vllm(app):
 
 def test_streamed_bodies_come_back_through_the_channel_of_each_engine_replica(app):
     """Streams' bodies go engine -> router on one TCP connection per replica pair
-    (deployments.stream_channel), one write per engine step, not one Serve message per chunk:
+    (deployments.transport.stream_channel), one write per engine step, not one Serve message per chunk:
     every engine replica that served a stream holds a connection to a port its router listens on
     (without the channel, engine replicas hold none: they are only called)."""
     from tests.faults import drain, open_stream
@@ -425,7 +425,7 @@ def test_streamed_bodies_come_back_through_the_channel_of_each_engine_replica(ap
             break
     listening = {
         (c.laddr.ip, c.laddr.port)
-        for pid in _replica_pids("Router")
+        for pid in _replica_pids("Ingress")
         for c in psutil.Process(pid).net_connections("tcp")
         if c.status == psutil.CONN_LISTEN
     }
@@ -578,7 +578,7 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
     assert victim_error is not None and victim_error["code"] == 503
     assert victim_ended < 10
     # The victim's processes end with it (its engine core is the fork server's child, not the
-    # replica's: deployments.engine_core_process).
+    # replica's: deployments.engine.core_process).
     _, left = psutil.wait_procs(processes[victim], timeout=15)
     assert not left, [(p.pid, p.cmdline()) for p in left]
     assert survivor_error is None and survivor_done and survivor_tokens == 480

@@ -1,5 +1,5 @@
 """The router's request lifecycle on a real Ray cluster and Serve app, with the fake engine
-(deployments.fake_engine) in place of vLLM: admission and 429s, aborts on disconnect, deadlines,
+(deployments.engine.fake) in place of vLLM: admission and 429s, aborts on disconnect, deadlines,
 error envelopes, native batching. Seconds, not minutes: `make test-fast` runs these and the unit
 tests. The same behaviours are proved against real vLLM in the *_tiny and *_smol suites."""
 
@@ -15,7 +15,7 @@ import pytest
 from ray import serve
 
 from deployments.app import APP_NAME
-from deployments.fake_engine import FakeEngineServer
+from deployments.engine.fake import FakeEngineServer
 from tests.faults import wait_until
 from tests.workers import free_port, start_worker, stop_worker, wait_http, worker_env
 

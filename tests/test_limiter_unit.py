@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-from deployments.errors import Overloaded
-from deployments.limiter import AdmissionLimiter
+from deployments.ingress.admission import AdmissionLimiter
+from deployments.ingress.errors import Overloaded
 
 
 async def settle() -> None:

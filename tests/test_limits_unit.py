@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from deployments.errors import ClientError, error_body
-from deployments.limits import RequestLimits, check_request, parse_body, sequences_asked
+from deployments.ingress.errors import ClientError, error_body
+from deployments.ingress.limits import RequestLimits, check_request, parse_body, sequences_asked
 
 LIMITS = RequestLimits(max_body_bytes=1 << 20, max_n=8, max_messages=4, max_model_len=512, max_sequences=16)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from deployments.errors import ClientError
-from deployments.media_guard import MediaPolicy, check_media, is_public, media_urls
+from deployments.ingress.errors import ClientError
+from deployments.ingress.media_guard import MediaPolicy, check_media, is_public, media_urls
 
 OPEN = MediaPolicy(frozenset(), allow_files=False)
 NAMES = {"localhost": ["127.0.0.1", "::1"], "images.example.com": ["93.184.216.34"],

@@ -13,8 +13,8 @@ import pytest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from deployments.errors import ClientError
-from deployments.native import (
+from deployments.ingress.errors import ClientError
+from deployments.runpod_format.native import (
     SEED_SAMPLING_DEFAULTS,
     BatchPolicy,
     GenerationFailed,

@@ -1,4 +1,4 @@
-"""deployments.process_title, with real processes: a child that sets its first environment variable
+"""deployments.engine.process_title, with real processes: a child that sets its first environment variable
 again before it titles itself loses the title, unless its parent anchored the environment."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ PARENT = """
 import json, os, subprocess, sys
 before = dict(os.environ)
 if sys.argv[1] == "anchor":
-    from deployments.process_title import ANCHOR, anchor_environment_first
+    from deployments.engine.process_title import ANCHOR, anchor_environment_first
     anchor_environment_first()
     after = dict(os.environ)
     assert after.pop(ANCHOR) == "1" and after == before, "values changed"

@@ -8,8 +8,9 @@ import json
 import subprocess
 import sys
 
-from deployments.request_models import load_request_fields, load_request_schemas, vllm_request_models
-from deployments.router import (
+from deployments.engine.request_models import load_request_fields, load_request_schemas, vllm_request_models
+from deployments.ingress.routes import JOB_ROUTES, engine_route, speaks_anthropic
+from deployments.ingress.server import (
     STREAM_END_CHECKS,
     StallGuard,
     StreamCut,
@@ -19,14 +20,13 @@ from deployments.router import (
     model_card,
     openapi_with_request_models,
 )
-from deployments.routes import JOB_ROUTES, engine_route, speaks_anthropic
-from deployments.shared_fetch import SharedFetch
+from deployments.ingress.shared_fetch import SharedFetch
 
 
 def test_the_router_and_the_runpod_worker_never_import_vllm():
     """vLLM's import costs ~4.5 s of CPU and ~480 MB per process: the router gets vLLM's request
     models from the engine replica instead, and the RunPod worker only talks to the router."""
-    code = ("import sys, deployments.router, deployments.app, handler.worker; "
+    code = ("import sys, deployments.ingress.server, deployments.app, handler.worker; "
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -262,7 +262,7 @@ def test_a_stopped_stall_guard_never_fires():
 
 
 def test_an_invocation_is_checked_as_the_route_vllm_will_serve_it_with():
-    from deployments.routes import invocation_route
+    from deployments.ingress.routes import invocation_route
 
     assert invocation_route({"messages": [], "prompt": "x"}) == "/v1/chat/completions"
     assert invocation_route({"prompt": "x"}) == "/v1/completions"

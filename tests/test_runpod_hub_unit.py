@@ -15,7 +15,7 @@ import pytest
 
 from configs.loader import OWNED_ARGUMENTS, SERVER_ONLY_ARGUMENTS
 from configs.settings import QUANTIZATION_METHODS, Settings
-from deployments.native import BatchPolicy, normalize_job
+from deployments.runpod_format.native import BatchPolicy, normalize_job
 from tests.test_native_unit import CHAT_FIELDS, COMPLETION_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent

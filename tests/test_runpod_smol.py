@@ -37,7 +37,7 @@ def smol_app(apps):
 def smol_tokenizer(smol_app):
     from transformers import AutoTokenizer
 
-    from deployments.demo_model import ensure_demo_model
+    from deployments.engine.demo_model import ensure_demo_model
 
     return AutoTokenizer.from_pretrained(str(ensure_demo_model()))
 
@@ -231,9 +231,9 @@ def test_production_loop_stop_aborts_the_request_in_the_engine(queue_worker):
 
 def test_production_loop_fails_a_job_whose_router_dies_and_takes_the_next(queue_worker, smol_app):
     queue, process, log = queue_worker
-    wait_until(lambda: len(replica_ids(smol_app.name, "Router")) == 1, timeout=60)
-    (router,) = replica_ids(smol_app.name, "Router")
-    actor = replica_actor(smol_app.name, router, "Router")
+    wait_until(lambda: len(replica_ids(smol_app.name, "Ingress")) == 1, timeout=60)
+    (router,) = replica_ids(smol_app.name, "Ingress")
+    actor = replica_actor(smol_app.name, router, "Ingress")
     job_id = start_long_streaming_job(queue, "router-dies")
     ray.kill(actor, no_restart=True)
     result = queue.wait_result(job_id, timeout=60)

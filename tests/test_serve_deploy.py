@@ -303,7 +303,7 @@ def test_serve_deploy_with_args_on_a_running_cluster(cluster: LocalCluster):
         + json.dumps({k: (d["status"], d.get("message")) for k, d in app["deployments"].items()}) + "\n"
         + c.log_tail()
     )
-    assert set(app["deployments"]) == {"Router", "EngineServer"}
+    assert set(app["deployments"]) == {"Ingress", "EngineServer"}
     assert {p["node_ip"] for p in details["proxies"].values()} == {"127.0.0.1"}
 
     from openai import OpenAI
@@ -333,7 +333,7 @@ def test_serve_deploy_with_args_on_a_running_cluster(cluster: LocalCluster):
 
     # The deploy shell's MAX_QUEUED_REQUESTS=1 did not reach the app builder either: the router's
     # Serve limit is 300 + 300 (default MAX_QUEUED_REQUESTS) + 64, not 300 + 1 + 64.
-    router = app["deployments"]["Router"]["deployment_config"]
+    router = app["deployments"]["Ingress"]["deployment_config"]
     assert router["max_ongoing_requests"] == 300 + 300 + 64
 
 

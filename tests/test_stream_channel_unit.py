@@ -1,4 +1,4 @@
-"""The body channel between engine and router replicas (deployments.stream_channel), over real
+"""The body channel between engine and router replicas (deployments.transport.stream_channel), over real
 loopback sockets. Serve's streamed call is played by `ScriptedCall`: a unit's stand-in; the real
 app's tests (test_openai_tiny, test_faults_tiny, test_guarded) are the proof end to end."""
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from deployments.errors import error_body
-from deployments.stream_channel import (
+from deployments.ingress.errors import error_body
+from deployments.transport.stream_channel import (
     AUTH_TIMEOUT_S,
     BodyEnd,
     ChannelBroken,
@@ -173,7 +173,7 @@ def test_a_failed_call_ends_the_stream_with_its_error_after_the_parts_that_came(
 def test_an_expired_stream_cancels_its_call_and_ends_with_the_error_after_its_parts():
     """REQUEST_TIMEOUT mid-stream: the engine's call is cancelled (vLLM aborts), the reader gets
     what had come, then the timeout; parts that come later are dropped with the stream."""
-    from deployments.errors import RequestTimeout
+    from deployments.ingress.errors import RequestTimeout
 
     async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, reply_to = await open_answered_stream(inbox)
@@ -194,7 +194,7 @@ def test_an_expired_stream_cancels_its_call_and_ends_with_the_error_after_its_pa
 
 def test_an_expired_stream_that_had_finished_reads_to_its_end():
     """The deadline passing after the engine's last part: the answer was on time and stays whole."""
-    from deployments.errors import RequestTimeout
+    from deployments.ingress.errors import RequestTimeout
 
     async def scenario(inbox: StreamInbox, channels: ReplyChannels) -> None:
         stream, call, reply_to = await open_answered_stream(inbox)
@@ -210,7 +210,7 @@ def test_an_expired_stream_that_had_finished_reads_to_its_end():
 def test_a_reader_too_far_behind_ends_its_stream_and_its_engine_call():
     """STREAM_BUFFER_BYTES: parts a reader leaves unread are bounded; past that the stream ends with
     ReaderStalled after what it holds, later parts are dropped, and the engine's call is cancelled."""
-    from deployments.errors import ReaderStalled
+    from deployments.ingress.errors import ReaderStalled
 
     async def scenario(_: StreamInbox, channels: ReplyChannels) -> None:
         inbox = StreamInbox("127.0.0.1", max_buffered=1000)
@@ -371,7 +371,7 @@ class _FakeMethod:
 
 
 def test_a_serve_stream_reads_like_a_channeled_one():
-    from deployments.stream_channel import ServeStream
+    from deployments.transport.stream_channel import ServeStream
 
     async def main():
         method = _FakeMethod([(200, [], b"data: 1\n\n", True), b"data: 2\n\n"])

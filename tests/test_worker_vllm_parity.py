@@ -227,11 +227,11 @@ def test_on_serves_stream_transport_streams_match_and_a_disconnect_aborts(app):
 
 
 def test_with_two_routers_the_other_serves_while_one_is_replaced(app):
-    routers = replica_ids(app.name, "Router")
+    routers = replica_ids(app.name, "Ingress")
     assert len(routers) == 2
     victim, survivor = sorted(routers)
-    process = replica_process(app.name, victim, "Router")
-    ray.kill(replica_actor(app.name, victim, "Router"), no_restart=True)
+    process = replica_process(app.name, victim, "Ingress")
+    ray.kill(replica_actor(app.name, victim, "Ingress"), no_restart=True)
     process.wait(timeout=30)
     chat = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with app.http() as http:
@@ -239,5 +239,5 @@ def test_with_two_routers_the_other_serves_while_one_is_replaced(app):
     assert [r.status_code for r in answers] == [200] * 10, [r.text for r in answers if r.status_code != 200]
     served_by = {r.headers["x-ingress-replica"] for r in answers}
     assert victim not in served_by and survivor in served_by
-    replaced_in = wait_until(lambda: len(replica_ids(app.name, "Router") - {victim}) == 2, timeout=120)
+    replaced_in = wait_until(lambda: len(replica_ids(app.name, "Ingress") - {victim}) == 2, timeout=120)
     print(f"\n[faults] one of two routers killed: 10/10 requests served meanwhile, replaced in {replaced_in:.0f} s")

@@ -12,10 +12,10 @@ import pytest
 
 from configs.engine_args import engine_process_environment, model_cache_environment, vllm_cli_args
 from configs.loader import SettingsError, default_base_path, load_settings
-from configs.placement import engine_deployment_options, router_deployment_options
+from configs.placement import engine_deployment_options, ingress_deployment_options
 from configs.platform import default_tensor_parallel_size
 from configs.settings import QUANTIZATION_METHODS, Accelerator, Settings
-from deployments.native import batch_defaults
+from deployments.runpod_format.native import batch_defaults
 
 
 def load(env: dict[str, Any]) -> Settings:
@@ -29,7 +29,7 @@ def effects(settings: Settings) -> tuple[Any, ...]:
         vllm_cli_args(settings, Accelerator.GPU, "m"),
         engine_process_environment(settings, Accelerator.GPU, [0, 1]),
         engine_deployment_options(settings, Accelerator.GPU),
-        router_deployment_options(settings),
+        ingress_deployment_options(settings),
         settings.served_model_name,
         settings.api_keys,
         settings.RAW_OPENAI_OUTPUT,

@@ -1,20 +1,20 @@
-"""The body of streamed responses, engine replica -> router replica, one socket write per engine step.
+"""The body of streamed responses, engine replica -> ingress replica, one socket write per engine step.
 
 Why: through Serve's streamed call, every SSE part of every stream is its own gRPC message, and on
 a small machine each one wakes gRPC's thread and then the event loop, in the engine replica and
-again in the router (bench/README: ~6 context switches per token, where bare vLLM's server makes
-~1). Here, every engine replica keeps one TCP connection to each router replica that calls it,
+again in the ingress (bench/README: ~6 context switches per token, where bare vLLM's server makes
+~1). Here, every engine replica keeps one TCP connection to each ingress replica that calls it,
 and the parts produced in one turn of its event loop (one engine step carries a token of every
 running stream) go out in one write and are read in one read.
 
-What stays with Serve: the call itself. The router still calls the engine deployment through its
+What stays with Serve: the call itself. The ingress still calls the engine deployment through its
 handle, a streamed call that lives as long as the response: Serve picks the replica, counts the
 request against `max_ongoing_requests`, cancels it (so vLLM aborts) when the client leaves, and
 fails it when the replica dies. The call yields the response head (status, headers, first part)
 as before, then, when the body is over, a `BodyEnd` with the number of parts that went through
-the channel; the router takes that many from the channel before it ends the stream.
+the channel; the ingress takes that many from the channel before it ends the stream.
 
-Wire format: the connecting side first sends the router's token (random, per router replica,
+Wire format: the connecting side first sends the ingress's token (random, per ingress replica,
 handed to the engine in each call), then records `!QI` (stream id, length) + bytes.
 """
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from deployments.asgi_bridge import ResponseHead
-from deployments.errors import EngineUnavailable, ReaderStalled
-from deployments.shared_fetch import SharedFetch
+from deployments.ingress.errors import EngineUnavailable, ReaderStalled
+from deployments.ingress.shared_fetch import SharedFetch
+from deployments.transport.asgi_bridge import ResponseHead
 
 RECORD_HEADER = struct.Struct("!QI")
 TOKEN_BYTES = 16
@@ -47,7 +47,7 @@ MAX_UNAUTHENTICATED = 64
 
 @dataclass(frozen=True)
 class ReplyTo:
-    """Where an engine replica sends a stream's body parts: the router's channel, and the stream."""
+    """Where an engine replica sends a stream's body parts: the ingress's channel, and the stream."""
 
     host: str
     port: int
@@ -66,7 +66,7 @@ class ChannelBroken(EngineUnavailable):
     """The channel carrying a stream's body closed before the stream ended."""
 
 
-# --- router side --------------------------------------------------------------------------------
+# --- ingress side -------------------------------------------------------------------------------
 class _StreamQueue:
     """The parts of one stream, in order, and then its end (a BodyEnd or an exception)."""
 
@@ -100,8 +100,8 @@ class _StreamQueue:
 
 
 class StreamInbox:
-    """Router side: a server on the node's address that engine replicas connect to, and the streams
-    waiting for their parts. Started on first use (the router's constructor has no event loop)."""
+    """Ingress side: a server on the node's address that engine replicas connect to, and the streams
+    waiting for their parts. Started on first use (the ingress's constructor has no event loop)."""
 
     def __init__(self, host: str, max_buffered: int = 4 << 20, auth_timeout_s: float = AUTH_TIMEOUT_S,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED) -> None:
@@ -333,7 +333,7 @@ class ChanneledStream:
 class ServeStream:
     """The engine's answer to one call as Serve's own streamed call carries it (STREAM_TRANSPORT=
     serve): the ResponseHead, then every body part as a message of the call. ChanneledStream's
-    interface, so the router reads either the same way."""
+    interface, so the ingress reads either the same way."""
 
     def __init__(self, call: Any, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> None:
         self._call_method = call
@@ -376,7 +376,7 @@ class ServeStream:
 
 # --- engine side --------------------------------------------------------------------------------
 class _Sender(asyncio.Protocol):
-    """One connection to a router replica. Parts written in one turn of the event loop leave in one
+    """One connection to an ingress replica replica. Parts written in one turn of the event loop leave in one
     write; while the socket is full, streams wait before taking their next part (vLLM meanwhile
     merges the tokens that arrive into fewer events, as it does behind a slow HTTP client)."""
 
@@ -424,7 +424,7 @@ class _Sender(asyncio.Protocol):
         self._writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.error = ChannelBroken(f"The connection to the router closed: {exc!r}")
+        self.error = ChannelBroken(f"The connection to the ingress closed: {exc!r}")
         self._pending.clear()
         self._writable.set()
 
@@ -434,8 +434,8 @@ class _Sender(asyncio.Protocol):
 
 
 class ReplyChannels:
-    """Engine side: one connection per router replica, opened on first use and reopened after it
-    closes (a router replica that restarted has a new address and token)."""
+    """Engine side: one connection per ingress replica, opened on first use and reopened after it
+    closes (an ingress replica replica that restarted has a new address and token)."""
 
     def __init__(self) -> None:
         self._senders: dict[tuple[str, int, bytes], SharedFetch[_Sender]] = {}
@@ -452,7 +452,7 @@ class ReplyChannels:
         try:
             _, sender = await asyncio.get_running_loop().create_connection(_Sender, reply_to.host, reply_to.port)
         except OSError as exc:
-            raise ChannelBroken(f"This engine replica can't reach its router's stream channel at "
+            raise ChannelBroken(f"This engine replica can't reach its ingress replica's stream channel at "
                                 f"{reply_to.host}:{reply_to.port}: {exc}") from exc
         assert sender._transport is not None
         sender._transport.write(reply_to.token)
@@ -469,7 +469,7 @@ class ReplyChannels:
 
 
 class StreamForwarder:
-    """One stream's body parts into its router's channel (connected on the first part: a response
+    """One stream's body parts into its ingress replica's channel (connected on the first part: a response
     that has only a head never needs it); counts what it sent, for the call's BodyEnd."""
 
     def __init__(self, channels: ReplyChannels, reply_to: ReplyTo) -> None:

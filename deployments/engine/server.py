@@ -1,6 +1,6 @@
 """The engine deployment: one vLLM `AsyncLLM` per replica, placed on the replica's placement group,
 with vLLM's own OpenAI server app (chat, completions, models, tools, response_format, logprobs...)
-called in-process. Request semantics are exactly `vllm serve`'s; what is ours lives in the router."""
+called in-process. Request semantics are exactly `vllm serve`'s; what is ours lives in the ingress."""
 
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ from ray import serve
 
 from configs.engine_args import OPERATOR_OVERRIDABLE, engine_process_environment, vllm_cli_args
 from configs.settings import Accelerator, Settings
-from deployments import engine_core_process, process_title
-from deployments.asgi_bridge import ResponseHead, stream_asgi
-from deployments.errors import envelope
-from deployments.request_models import RequestFields, RequestSchemas, load_request_fields, load_request_schemas
-from deployments.stream_channel import BodyEnd, ReplyChannels, ReplyTo
+from deployments.engine import core_process as engine_core_process
+from deployments.engine import process_title
+from deployments.engine.request_models import RequestFields, RequestSchemas, load_request_fields, load_request_schemas
+from deployments.ingress.errors import envelope
+from deployments.transport.asgi_bridge import ResponseHead, stream_asgi
+from deployments.transport.stream_channel import BodyEnd, ReplyChannels, ReplyTo
 
 logger = logging.getLogger("ray.serve")
 
-# Middleware of vLLM's server that only an HTTP server needs. In-process the router is the HTTP
+# Middleware of vLLM's server that only an HTTP server needs. In-process the ingress is the HTTP
 # server: CORS answers browsers (none reach this app), and the instrumentator's http_* metrics live
 # in a registry nothing scrapes here. Each wraps every streamed chunk's `send` (both showed in the
 # engine replica's py-spy profile under load). vLLM's other middleware stays.
@@ -70,7 +71,7 @@ class EngineServer:
     async def __init__(self, settings: Settings, accelerator: Accelerator) -> None:
         started = time.monotonic()
         prepare_process_environment(settings, accelerator)
-        # Before any process of the engine starts: they inherit the order (deployments.process_title).
+        # Before any process of the engine starts: they inherit the order (deployments.engine.process_title).
         process_title.anchor_environment_first()
         # Before this process imports vLLM: the fork server imports it meanwhile, for the engine core.
         forkserver_started = engine_core_process.start_forkserver()
@@ -81,7 +82,7 @@ class EngineServer:
 
         model_path = settings.MODEL_NAME
         if settings.uses_demo_model:
-            from deployments.demo_model import ensure_demo_model
+            from deployments.engine.demo_model import ensure_demo_model
 
             model_path = str(ensure_demo_model(settings.DEMO_MODEL_DIR))
         args = parse_vllm_args(vllm_cli_args(settings, accelerator, model_path))
@@ -99,7 +100,7 @@ class EngineServer:
         self._engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
-            # vLLM's engine metrics (vllm:*) through Ray's metrics export, beside the router's.
+            # vLLM's engine metrics (vllm:*) through Ray's metrics export, beside the ingress's.
             stat_loggers=[RayPrometheusStatLogger],
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
@@ -113,7 +114,7 @@ class EngineServer:
         # through check_health instead, but the attribute must exist.
         self._app.state.server = SimpleNamespace()
         self._served_model_name = settings.served_model_name
-        # For the router's request checks (it doesn't import vLLM): ~1 ms here, where vLLM is loaded.
+        # For the ingress's request checks (it doesn't import vLLM): ~1 ms here, where vLLM is loaded.
         self._request_fields = load_request_fields()
         self._request_schemas: RequestSchemas | None = None
         self._reply_channels = ReplyChannels()
@@ -126,8 +127,8 @@ class EngineServer:
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, reply_to: ReplyTo | None = None
     ) -> AsyncIterator[ResponseHead | bytes | BodyEnd]:
         """One OpenAI request through vLLM's server app: a ResponseHead, then the body's other parts,
-        as items of this call or, with `reply_to`, through the router's channel and then a BodyEnd
-        (deployments.stream_channel)."""
+        as items of this call or, with `reply_to`, through the ingress's channel and then a BodyEnd
+        (deployments.transport.stream_channel)."""
         forward = None if reply_to is None else self._reply_channels.forwarder(reply_to)
         items = stream_asgi(self._app, method, path, headers, body, forward=forward)
         status, response_headers, first_part, more = await items.__anext__()
@@ -153,11 +154,11 @@ class EngineServer:
             yield BodyEnd(forward.sent)
 
     async def request_fields(self) -> RequestFields:
-        """vLLM's request fields the router checks requests against."""
+        """vLLM's request fields the ingress checks requests against."""
         return self._request_fields
 
     async def request_schemas(self) -> RequestSchemas:
-        """vLLM's request models as JSON schema, for the router's /openapi.json (built on first use:
+        """vLLM's request models as JSON schema, for the ingress's /openapi.json (built on first use:
         ~0.5 s of CPU)."""
         if self._request_schemas is None:
             # In a thread: this event loop carries every stream of the replica meanwhile.
@@ -190,5 +191,5 @@ class EngineServer:
 
 def engine_deployment(options: dict[str, Any], engine_class: type = EngineServer):
     """The engine deployment; `engine_class` with EngineServer's interface stands in for it in
-    tests of the request lifecycle (deployments.fake_engine)."""
+    tests of the request lifecycle (deployments.engine.fake)."""
     return serve.deployment(engine_class, name="EngineServer", **options)

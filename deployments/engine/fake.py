@@ -1,6 +1,6 @@
 """A stand-in for the engine deployment (as Ray Serve LLM's tests have `MockVLLMEngine`): the same
-interface as `deployments.engine.EngineServer` and the same transport (the ASGI bridge, the router's
-stream channel), over a small OpenAI-shaped app instead of vLLM. The router's request lifecycle
+interface as `deployments.engine.server.EngineServer` and the same transport (the ASGI bridge, the ingress's
+stream channel), over a small OpenAI-shaped app instead of vLLM. The ingress's request lifecycle
 (admission, limits, aborts, deadlines, errors, native batching) runs against it in seconds: `make
 test-fast`. Never the proof that a feature works with vLLM: the real suite is.
 
@@ -23,15 +23,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from configs.settings import Accelerator, Settings
-from deployments.asgi_bridge import ResponseHead, stream_asgi
-from deployments.errors import envelope
-from deployments.request_models import RequestFields
-from deployments.stream_channel import BodyEnd, ReplyChannels, ReplyTo
+from deployments.engine.request_models import RequestFields
+from deployments.ingress.errors import envelope
+from deployments.transport.asgi_bridge import ResponseHead, stream_asgi
+from deployments.transport.stream_channel import BodyEnd, ReplyChannels, ReplyTo
 
 DEFAULT_TOKEN_INTERVAL_S = 0.01
 DEFAULT_MAX_TOKENS = 16
 
-# The request fields the router checks native `sampling_params` against (vLLM's are a superset).
+# The request fields the ingress checks native `sampling_params` against (vLLM's are a superset).
 SAMPLING_FIELDS = frozenset({
     "model", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "seed", "stop",
     "stream", "stream_options", "logprobs", "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty",
@@ -152,7 +152,7 @@ def fake_openai_app(model: str, max_model_len: int, token_interval_s: float, run
 
 
 class FakeEngineServer:
-    """The engine deployment's interface (see deployments.engine.EngineServer) without vLLM."""
+    """The engine deployment's interface (see deployments.engine.server.EngineServer) without vLLM."""
 
     def __init__(self, settings: Settings, accelerator: Accelerator,
                  token_interval_s: float = DEFAULT_TOKEN_INTERVAL_S) -> None:
@@ -178,7 +178,7 @@ class FakeEngineServer:
         return fake_request_fields()
 
     async def request_schemas(self) -> None:
-        return None  # the router serves its OpenAPI document without request models
+        return None  # the ingress serves its OpenAPI document without request models
 
     async def check_health(self) -> None:
         return None

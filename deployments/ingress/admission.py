@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from deployments.errors import Overloaded
+from deployments.ingress.errors import Overloaded
 
 
 class AdmissionLimiter:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from deployments.errors import ClientError
+from deployments.ingress.errors import ClientError
 
 # Keys whose string values are media URLs in vLLM's chat parts (image_url, audio_url, video_url, and
 # their `url` objects), Responses input parts (input_image's image_url, input_file's file_url) and

@@ -1,5 +1,5 @@
 """Which of vLLM's routes serves a public path. Pure: RunPod `openai_route` jobs and the OpenAPI
-schema resolve paths here (each of the router's HTTP route methods names its vLLM route itself)."""
+schema resolve paths here (each of the ingress's HTTP route methods names its vLLM route itself)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def speaks_anthropic(path: str) -> bool:
 
 # SageMaker's `POST /invocations`, as `vllm serve` has it: vLLM tries its request models in this
 # order and serves the body with the first that fits (chat before completion for a generating
-# model). The router checks the body as the route it will land on, by the field that route needs.
+# model). The ingress checks the body as the route it will land on, by the field that route needs.
 INVOCATION_ROUTES: tuple[tuple[str, str], ...] = (
     ("messages", "/v1/chat/completions"),
     ("prompt", "/v1/completions"),

@@ -1,4 +1,4 @@
-"""One error envelope for every failure the router reports, and one table of exception -> status.
+"""One error envelope for every failure the ingress reports, and one table of exception -> status.
 
 The envelope is vLLM's (and OpenAI's shape): {"error": {"message", "type", "param", "code"}}. The
 Anthropic Messages routes answer the same failures in Anthropic's shape, which its clients parse:
@@ -65,7 +65,7 @@ class RequestTimeout(Exception):
 
 class ReaderStalled(RequestTimeout):
     """A stream's client stopped reading (STREAM_STALL_TIMEOUT) or fell STREAM_BUFFER_BYTES behind:
-    the request is aborted and its slot freed, rather than its output piling up in the router."""
+    the request is aborted and its slot freed, rather than its output piling up in the ingress."""
 
 
 def _engine_failures() -> tuple[type[BaseException], ...]:

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.errors import ClientError, MalformedBody
+from deployments.ingress.errors import ClientError, MalformedBody
 
 ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 

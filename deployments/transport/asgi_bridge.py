@@ -8,7 +8,7 @@ every token at once, and a busy one makes vLLM merge the tokens that arrive mean
 event. There is no fixed batching delay.
 
 With `forward`, the body parts after the first don't come out of the iterator: the app's own send()
-hands each to `forward` (the engine's channel to the router, deployments.stream_channel), which
+hands each to `forward` (the engine's channel to the ingress, deployments.transport.stream_channel), which
 saves a task switch per part; the iterator then ends when the app has sent its whole body.
 """
 
@@ -81,7 +81,7 @@ async def stream_asgi(
                 try:
                     await forward(part)  # type: ignore[misc]
                 except Exception as exc:
-                    # The router can't be reached: the app is told its client left, as a socket's
+                    # The ingress can't be reached: the app is told its client left, as a socket's
                     # error would tell it. Raising here instead would leave vLLM's stream generator
                     # suspended at its yield, aborted only when the garbage collector closes it.
                     forward_failed = repr(exc)
@@ -124,7 +124,7 @@ async def stream_asgi(
         if forwarding:
             end = await messages.get()  # None once the app returned, or the error it failed with
             if forward_failed is not None:
-                raise RuntimeError(f"the engine's stream could not go on to the router: {forward_failed}")
+                raise RuntimeError(f"the engine's stream could not go on to the ingress: {forward_failed}")
             if not body_finished:
                 _body_of(end)
                 raise RuntimeError(f"the engine's server sent {end!r} after the head")  # not ASGI

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import httpx
 
-from deployments.errors import MetricsUnavailable
+from deployments.ingress.errors import MetricsUnavailable
 
 SCRAPE_TIMEOUT_S = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

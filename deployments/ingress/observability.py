@@ -1,4 +1,4 @@
-"""The router's Prometheus metrics (exported through Ray's metrics agent) and its one log line per
+"""The ingress's Prometheus metrics (exported through Ray's metrics agent) and its one log line per
 request: request id, route, status, tokens, latency; JSON when LOG_FORMAT=json; never prompt text."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class RouterMetrics:
         from ray.util.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
-            "llm_router_requests_total", "Requests the router answered, by route and status.",
+            "llm_router_requests_total", "Requests the ingress answered, by route and status.",
             tag_keys=("route", "status", "application"),
         )
         self.rejections = Counter(

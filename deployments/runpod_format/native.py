@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from configs.settings import Settings
-from deployments.errors import ClientError
-from deployments.routes import JOB_ROUTES, engine_route
+from deployments.ingress.errors import ClientError
+from deployments.ingress.routes import JOB_ROUTES, engine_route
 
 # The seed's documented sampling defaults (RunPod's vLLM guide, "Sampling Parameters"): a job that
 # doesn't set one gets these, never the model's generation config (which vLLM's OpenAI layer would
@@ -220,7 +220,7 @@ def normalize_job(
         # vLLM's beam search answers only whole (it can't stream): its beams arrive at the end.
         body["stream"] = False
     else:
-        # The router consumes a stream even for non-streaming jobs (they get one batch at the end).
+        # The ingress consumes a stream even for non-streaming jobs (they get one batch at the end).
         body["stream"] = True
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     route = "/v1/chat/completions" if chat else "/v1/completions"
@@ -468,7 +468,7 @@ def split_delta(text: str, count: int, token_texts: list[str]) -> list[str]:
 
 
 def iter_events(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
-    """Events of a byte stream cut anywhere (for pure tests; the router does the same async)."""
+    """Events of a byte stream cut anywhere (for pure tests; the ingress does the same async)."""
     buffer = b""
     for chunk in chunks:
         events, buffer = split_sse(buffer + chunk)

@@ -1,7 +1,7 @@
 """vLLM's request models, read in the engine replica (which has vLLM imported anyway) and handed to
-the router as plain data: the fields its request checks need and the JSON schemas its OpenAPI
-document declares. The router never imports vLLM: that import costs ~4.5 s of CPU and ~480 MB in
-each router replica, and on a small box it was taken from the engine replica starting beside it."""
+the ingress as plain data: the fields its request checks need and the JSON schemas its OpenAPI
+document declares. The ingress never imports vLLM: that import costs ~4.5 s of CPU and ~480 MB in
+each ingress replica, and on a small box it was taken from the engine replica starting beside it."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ class RequestFields:
 
 @dataclass(frozen=True)
 class RequestSchemas:
-    """vLLM's request models as JSON schema, for the router's OpenAPI document."""
+    """vLLM's request models as JSON schema, for the ingress's OpenAPI document."""
 
     names: dict[str, str]  # per route: the schema name of its request model
     components: dict[str, Any]  # schema name -> JSON schema (the models and what they refer to)
 
 
 def vllm_request_models() -> dict[str, tuple[str, Any]]:
-    """vLLM's request model (or union of models) for each route the router forwards a body on, with
+    """vLLM's request model (or union of models) for each route the ingress forwards a body on, with
     its schema name: the one table behind the request checks and the OpenAPI schema."""
     from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest

@@ -1,4 +1,4 @@
-"""The router (ingress) deployment: OpenAI routes under /v1 and /openai/v1, the RunPod native job
+"""The ingress deployment: OpenAI routes under /v1 and /openai/v1, the RunPod native job
 format, the concurrency limit, API keys and the error envelope. Every request passes here; the
 engine deployment answers it with vLLM's own OpenAI layer, and bytes pass through untouched."""
 
@@ -23,9 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.placement import per_router_limit
 from configs.ray_env import HANDLE_SERIALIZATION
 from configs.settings import Settings, StreamTransport
-from deployments.cluster_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from deployments.cluster_metrics import scrape_cluster
-from deployments.errors import (
+from deployments.engine.request_models import RequestSchemas
+from deployments.ingress.admission import AdmissionLimiter
+from deployments.ingress.cluster_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from deployments.ingress.cluster_metrics import scrape_cluster
+from deployments.ingress.errors import (
     EngineUnavailable,
     MetricsUnavailable,
     NotFound,
@@ -39,10 +41,12 @@ from deployments.errors import (
     error_message,
     sse_error_event,
 )
-from deployments.limiter import AdmissionLimiter
-from deployments.limits import RequestLimits, check_request, check_size, parse_body
-from deployments.media_guard import MediaPolicy, check_media
-from deployments.native import (
+from deployments.ingress.limits import RequestLimits, check_request, check_size, parse_body
+from deployments.ingress.media_guard import MediaPolicy, check_media
+from deployments.ingress.observability import RequestObserver, RequestRecord, RouterMetrics
+from deployments.ingress.routes import ANTHROPIC_ROUTES, INVOCATIONS, engine_route, invocation_route, speaks_anthropic
+from deployments.ingress.shared_fetch import SharedFetch
+from deployments.runpod_format.native import (
     GenerationFailed,
     NativeAssembler,
     NativeJob,
@@ -52,11 +56,7 @@ from deployments.native import (
     normalize_job,
     split_sse,
 )
-from deployments.observability import RequestObserver, RequestRecord, RouterMetrics
-from deployments.request_models import RequestSchemas
-from deployments.routes import ANTHROPIC_ROUTES, INVOCATIONS, engine_route, invocation_route, speaks_anthropic
-from deployments.shared_fetch import SharedFetch
-from deployments.stream_channel import ChanneledStream, ServeStream, StreamInbox
+from deployments.transport.stream_channel import ChanneledStream, ServeStream, StreamInbox
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,9 +74,9 @@ app = FastAPI(
 )
 
 
-# FastAPI serves /openapi.json from a synchronous `app.openapi()`; the router's own route (Router.openapi)
+# FastAPI serves /openapi.json from a synchronous `app.openapi()`; the ingress's own route (Ingress.openapi)
 # awaits vLLM's request models from an engine replica, so FastAPI's route is taken out (/docs and
-# /redoc stay, and read the router's).
+# /redoc stay, and read the ingress's).
 app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) != app.openapi_url]
 
 
@@ -100,7 +100,7 @@ def openapi_with_request_models(schemas: RequestSchemas | None) -> dict[str, Any
     return schema
 
 
-# Whoever else asks FastAPI for the schema gets the router's, never a cached one without the models.
+# Whoever else asks FastAPI for the schema gets the ingress's, never a cached one without the models.
 app.openapi = lambda: app.openapi_schema or openapi_with_request_models(None)
 
 
@@ -135,17 +135,17 @@ def current_request_id(request: Request) -> str:
     return _get_serve_request_context().request_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
 
 
-class Router:
+class Ingress:
     """Serve ingress. Not decorated here: the app builder applies options from configs.placement."""
 
     def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
         self._engine = engine
         # Configured handle methods are built once, not per request.
         self._engine_http = engine.options(stream=True, **HANDLE_SERIALIZATION).http
-        # Streamed bodies come back through this replica's channel (deployments.stream_channel).
+        # Streamed bodies come back through this replica's channel (deployments.transport.stream_channel).
         self._inbox = StreamInbox(ray.util.get_node_ip_address(), settings.STREAM_BUFFER_BYTES)
         self._engine_health = engine.check_health
-        # Which router replica answered, as x-engine-replica says which engine did: with
+        # Which ingress replica answered, as x-engine-replica says which engine did: with
         # ROUTER_REPLICAS > 1, where to look when one misbehaves.
         self._replica_header = {"x-ingress-replica": serve.get_replica_context().replica_id.unique_id}
         self._engine_was_ready = False  # /ping: "initializing" until an engine first answers
@@ -157,7 +157,7 @@ class Router:
         )
         self._batch_defaults = batch_defaults(settings)
         # vLLM's request fields, for the checks: from an engine replica, which has vLLM imported
-        # (deployments.request_models). Requests that need them before any engine is up wait for one,
+        # (deployments.engine.request_models). Requests that need them before any engine is up wait for one,
         # as they would for the engine anyway.
         self._request_fields = SharedFetch(self._engine.request_fields.remote).get
         self._limits = RequestLimits(
@@ -646,7 +646,7 @@ def model_card(model_list: bytes, model_id: str) -> bytes | None:
 
 
 async def _sse_batches(job: NativeJob, first_part: bytes, stream: Any, raw: bool) -> AsyncIterator[Any]:
-    """An OpenAI-shaped job's stream in worker-vllm's batches (deployments.native.SseBatcher)."""
+    """An OpenAI-shaped job's stream in worker-vllm's batches (deployments.runpod_format.native.SseBatcher)."""
     batcher = SseBatcher(job.batch, raw)
     async for part in _whole_stream(first_part, stream, job.route):
         for batch in batcher.feed(part):
@@ -729,7 +729,7 @@ async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> Asy
         yield batch
 
 
-def router_deployment(options: dict[str, Any]):
-    return serve.deployment(serve.ingress(app)(Router), name="Router", **options)
+def ingress_deployment(options: dict[str, Any]):
+    return serve.deployment(serve.ingress(app)(Ingress), name="Ingress", **options)
 
 
