@@ -150,8 +150,8 @@ def test_streams_nobody_reads_cost_bounded_memory_and_give_their_slots_back(app)
         wait_until(lambda: engine_running(app) > 0, timeout=30, interval=0.1)
         aborted_in = wait_until(aborted, timeout=60, interval=0.2)
         admission = app.router().admission
-        # The unread streams still hold their connections and slots: other clients are served.
-        assert admission.remote().result()["in_flight"] > 0
+        # Other clients are served while the unread streams still hold their connections (and,
+        # until STREAM_STALL_TIMEOUT or their relay's end frees them, their slots).
         served = httpx.post(f"{app.base_url}/v1/completions", timeout=60,
                             json={"model": "tiny", "prompt": "fox", "max_tokens": 4})
         assert served.status_code == 200, served.text
