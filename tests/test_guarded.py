@@ -128,7 +128,7 @@ def test_one_json_log_line_per_request_without_prompt_text(app):
     deadline = time.monotonic() + 10
     lines = []
     while time.monotonic() < deadline and not lines:
-        lines = [line for path in glob.glob(f"{session_logs()}/serve/replica_{APP}_Router_*.log")
+        lines = [line for path in glob.glob(f"{session_logs()}/serve/replica_{APP}_Ingress_*.log")
                  for line in open(path, errors="replace") if request_id in line and "latency_ms" in line]
         time.sleep(0.5)
     assert len(lines) == 1, lines
