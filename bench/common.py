@@ -24,10 +24,24 @@ RAY_LOGICAL_CPUS = 4
 RAY_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 
 BARE, OURS, RAYLLM = "bare", "ours", "rayllm"
+# Our app with STREAM_TRANSPORT=serve (streamed parts through Serve's own streamed call), and Ray
+# Serve LLM in its documented fastest mode (Ray's "high-throughput" guide: HAProxy, throughput
+# mode, and its direct streaming, where the LLMServer replica serves vLLM's app behind HAProxy).
+OURS_SERVE, RAYLLM_TUNED = "ours-serve", "rayllm-tuned"
+SYSTEMS = (BARE, OURS, OURS_SERVE, RAYLLM, RAYLLM_TUNED)
+RAYLLM_SYSTEMS = (RAYLLM, RAYLLM_TUNED)
 LABELS = {
     BARE: "bare vLLM server",
     OURS: "ours (Serve: Ingress -> EngineServer)",
-    RAYLLM: "Ray Serve LLM",
+    OURS_SERVE: "ours, STREAM_TRANSPORT=serve",
+    RAYLLM: "Ray Serve LLM (defaults)",
+    RAYLLM_TUNED: "Ray Serve LLM (HAProxy, throughput mode, direct streaming)",
+}
+# Ray Serve LLM's tuned mode, set in its process before Ray starts (the flags are read at import).
+RAYLLM_TUNED_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
 }
 STREAM, NONSTREAM, NATIVE = "stream", "nonstream", "native"
 MODE_LABELS = {

@@ -11,7 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import BARE, LABELS, MODE_LABELS, NATIVE, NONSTREAM, OURS, RAYLLM, STREAM
+from bench.common import (
+    BARE,
+    LABELS,
+    MODE_LABELS,
+    NATIVE,
+    NONSTREAM,
+    OURS,
+    OURS_SERVE,
+    RAYLLM,
+    RAYLLM_TUNED,
+    STREAM,
+    SYSTEMS,
+)
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -129,7 +141,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 _MODE_ORDER = {STREAM: 0, NONSTREAM: 1, NATIVE: 2}
-_SYSTEM_ORDER = (BARE, OURS, RAYLLM)
+_SYSTEM_ORDER = SYSTEMS
 
 
 def _range(values: list[float]) -> list[float] | None:
@@ -240,7 +252,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results.get("summary", [])
-    colors = {BARE: "tab:blue", OURS: "tab:green", RAYLLM: "tab:red"}
+    colors = {BARE: "tab:blue", OURS: "tab:green", OURS_SERVE: "tab:olive", RAYLLM: "tab:red",
+              RAYLLM_TUNED: "tab:purple"}
     styles = {STREAM: "-", NONSTREAM: "--", NATIVE: ":"}
     markers = {STREAM: "o", NONSTREAM: "s", NATIVE: "^"}
     fig, (ax_tok, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))

@@ -33,9 +33,10 @@ from bench.common import (
     OURS,
     OUTPUT_LEN,
     PYTHON,
-    RAYLLM,
+    RAYLLM_SYSTEMS,
     REPO_ROOT,
     STREAM,
+    SYSTEMS,
     child_env,
     default_cache_root,
     machine_info,
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests per measurement (default: max(64, 8 x concurrency); quick: max(24, 4 x c))")
     p.add_argument("--repeats", type=int, default=None, help="repeats of every point (default 3; medians)")
     p.add_argument("--modes", default=None, help=f"comma-separated of {STREAM},{NONSTREAM},{NATIVE} (default all)")
-    p.add_argument("--systems", default=None, help=f"comma-separated of {BARE},{OURS},{RAYLLM} (default all)")
+    p.add_argument("--systems", default=None, help=f"comma-separated of {','.join(SYSTEMS)} (default all)")
     p.add_argument("--quick", action="store_true", help="concurrency 1,16, 2 repeats, fewer requests")
     p.add_argument("--smoke", action="store_true",
                    help="bare vLLM and our app only, one concurrency (4), 16 requests, 1 repeat")
@@ -89,10 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         defaults = {"concurrency": "4", "repeats": 1, "systems": f"{BARE},{OURS}", "requests": 16,
                     "startup_repeats": 1}
     elif args.quick:
-        defaults = {"concurrency": "1,16", "repeats": 2, "systems": f"{BARE},{OURS},{RAYLLM}", "requests": None,
+        defaults = {"concurrency": "1,16", "repeats": 2, "systems": ",".join(SYSTEMS), "requests": None,
                     "startup_repeats": 2}
     else:
-        defaults = {"concurrency": "1,4,16,64", "repeats": 3, "systems": f"{BARE},{OURS},{RAYLLM}",
+        defaults = {"concurrency": "1,4,16,64", "repeats": 3, "systems": ",".join(SYSTEMS),
                     "requests": None, "startup_repeats": 3}
     args.startup_repeats = args.startup_repeats or defaults["startup_repeats"]
     args.concurrency = [int(c) for c in (args.concurrency or defaults["concurrency"]).split(",") if c.strip()]
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.settle is None:
         args.settle = 1.0 if args.smoke else 2.0
     for s in args.systems:
-        if s not in (BARE, OURS, RAYLLM):
+        if s not in SYSTEMS:
             p.error(f"unknown system {s!r}")
     for m in args.modes:
         if m not in (STREAM, NONSTREAM, NATIVE):
@@ -204,13 +205,11 @@ def point_sequence(mode: str, systems: list[str], repeat: int) -> list[tuple[str
     if mode == NATIVE:
         seq = [(OURS, STREAM), (OURS, NATIVE), (BARE, STREAM)]
     else:
+        # o1 B B o2 | o3 B o4 | o5 B ...: every other system right beside a bare run.
         others = [s for s in systems if s != BARE]
-        seq = []
-        if others:
-            seq.append((others[0], mode))
-        seq += [(BARE, mode), (BARE, mode)]
-        for s in others[1:]:
-            seq.append((s, mode))
+        seq = [(s, mode) for s in others[:1]] + [(BARE, mode), (BARE, mode)] + [(s, mode) for s in others[1:2]]
+        for i in range(2, len(others), 2):
+            seq += [(others[i], mode), (BARE, mode)] + [(s, mode) for s in others[i + 1:i + 2]]
     return seq[::-1] if repeat % 2 else seq
 
 
@@ -267,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
 
     systems = list(args.systems)
     skipped: dict[str, str] = {}
-    if RAYLLM in systems:
+    if any(s in RAYLLM_SYSTEMS for s in systems):
         reason = rayllm_missing()
         if reason:
             print(f"[bench] skipping Ray Serve LLM: {reason}", flush=True)
-            skipped[RAYLLM] = reason
-            systems.remove(RAYLLM)
+            for system in (s for s in RAYLLM_SYSTEMS if s in systems):
+                skipped[system] = reason
+                systems.remove(system)
     modes = [m for m in args.modes if m != NATIVE or OURS in systems]
 
     results: dict[str, Any] = {
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "env": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "VLLM_HOST_IP",
                                                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")},
         },
-        "systems": {s: {"label": LABELS[s]} for s in (BARE, OURS, RAYLLM) if s in args.systems},
+        "systems": {s: {"label": LABELS[s]} for s in SYSTEMS if s in args.systems},
         "skipped": skipped,
         "runs": [],
         "warmup": [],
@@ -328,14 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                     startup = server.start_and_wait(STARTUP_TIMEOUT_S)
                 except Exception as exc:
                     server.stop()
-                    if system == RAYLLM:
+                    if system in RAYLLM_SYSTEMS:
                         reason = f"did not start: {exc}"
-                        print(f"[bench] skipping Ray Serve LLM: {reason}", flush=True)
-                        skipped[RAYLLM] = reason
-                        results["systems"][RAYLLM]["skipped"] = reason
-                        servers.pop(RAYLLM, None)
-                        starts.pop(RAYLLM, None)
-                        systems = [s for s in systems if s != RAYLLM]
+                        print(f"[bench] skipping {LABELS[system]}: {reason}", flush=True)
+                        skipped[system] = reason
+                        results["systems"][system]["skipped"] = reason
+                        servers.pop(system, None)
+                        starts.pop(system, None)
+                        systems = [s for s in systems if s != system]
                         continue
                     raise
                 servers[system] = server

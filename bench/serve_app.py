@@ -1,11 +1,13 @@
 """A Ray Serve system as its users run it, in its own process: a local Ray cluster on loopback,
 Serve's HTTP proxy on 127.0.0.1:PORT, the app, then block until SIGTERM.
 
-    python -m bench.serve_app {ours|rayllm} --port P --model PATH --info FILE
+    python -m bench.serve_app {ours|ours-serve|rayllm|rayllm-tuned} --port P --model PATH --info FILE
 
-`ours` is this project's app (deployments.app.build_app_from_settings); `rayllm` is Ray Serve LLM
-(ray.serve.llm.build_openai_app on vLLM's CPU build). FILE receives the Ray address (for the
-RunPod-handler load, which drives the app's handle from another process) as soon as Ray is up.
+`ours` is this project's app (deployments.app.build_app_from_settings), `ours-serve` the same with
+STREAM_TRANSPORT=serve; `rayllm` is Ray Serve LLM (ray.serve.llm.build_openai_app on vLLM's CPU
+build), `rayllm-tuned` the same app in the mode bench.servers sets its environment for. FILE
+receives the Ray address (for the RunPod-handler load, which drives the app's handle from another
+process) as soon as Ray is up.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pathlib import Path
 
 from bench.common import MAX_MODEL_LEN, MAX_NUM_SEQS, RAY_LOGICAL_CPUS, RAY_OBJECT_STORE_BYTES, SERVED_MODEL
 
-APP_NAMES = {"ours": "llm", "rayllm": "rayllm"}
+APP_NAMES = {"ours": "llm", "ours-serve": "llm", "rayllm": "rayllm", "rayllm-tuned": "rayllm"}
 
 
-def build_ours(model: str):
+def build_ours(model: str, stream_transport: str):
     from configs.loader import load_settings
     from deployments.app import build_app_from_settings
 
@@ -34,6 +36,7 @@ def build_ours(model: str):
         "OPENAI_SERVED_MODEL_NAME_OVERRIDE": SERVED_MODEL,
         "MAX_MODEL_LEN": MAX_MODEL_LEN,
         "MAX_NUM_SEQS": MAX_NUM_SEQS,
+        "STREAM_TRANSPORT": stream_transport,
     })
     return build_app_from_settings(settings)
 
@@ -58,7 +61,8 @@ def main() -> int:
     parser.add_argument("--info", required=True)
     args = parser.parse_args()
 
-    if args.system == "ours":
+    ours = args.system.startswith("ours")
+    if ours:
         # Our app runs as `make serve` runs it (Ray Serve LLM runs with Ray's defaults), switches
         # set before Serve is imported (it reads them then).
         from configs.ray_env import apply_serve_performance_env
@@ -84,7 +88,10 @@ def main() -> int:
     print(f"[bench.serve_app] Ray at {context.gcs_address} (node ip {node_ip})", flush=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        app = build_ours(args.model) if args.system == "ours" else build_rayllm(args.model)
+        if ours:
+            app = build_ours(args.model, "serve" if args.system == "ours-serve" else "channel")
+        else:
+            app = build_rayllm(args.model)
         started = time.monotonic()
         serve.run(app, name=APP_NAMES[args.system], route_prefix="/")
         print(f"[bench.serve_app] {args.system} running after {time.monotonic() - started:.1f} s", flush=True)

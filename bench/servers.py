@@ -20,10 +20,14 @@ from bench.common import (
     MAX_MODEL_LEN,
     MAX_NUM_SEQS,
     OURS,
+    OURS_SERVE,
     PYTHON,
     RAYLLM,
+    RAYLLM_TUNED,
+    RAYLLM_TUNED_ENV,
     REPO_ROOT,
     SERVED_MODEL,
+    SYSTEMS,
     child_env,
 )
 from configs.ray_env import SERVE_PERFORMANCE_ENV, STARTUP_GATE_ENV_NAMES, private_haproxy_ports
@@ -124,13 +128,17 @@ class Server:
         if self.ray_worker_niceness is not None and self.system != BARE:
             extra["RAY_worker_niceness"] = str(self.ray_worker_niceness)
         drop: tuple[str, ...] = ()
-        if self.system == OURS:
+        if self.system in (OURS, OURS_SERVE):
             # HAProxy's metrics and stats listeners: ports of this cluster's own (a `make serve`
             # or a test cluster may hold the defaults).
             extra.update(private_haproxy_ports())
         elif self.system == RAYLLM:
             # Ray Serve LLM as its users run it: Ray's defaults, none of our switches.
             drop = (*SERVE_PERFORMANCE_ENV, *STARTUP_GATE_ENV_NAMES)
+        elif self.system == RAYLLM_TUNED:
+            # Its documented fastest mode, on Ray's own HAProxy (not our start-up gate).
+            drop = (*SERVE_PERFORMANCE_ENV, *STARTUP_GATE_ENV_NAMES)
+            extra.update({**RAYLLM_TUNED_ENV, **private_haproxy_ports()})
         cache_root = self._cache_dir or vllm_cache_root()
         before = compile_cache_entries(cache_root)
         # Appended: a server restarted for the load keeps its measured start's log above.
@@ -263,4 +271,4 @@ def _first_token(client: httpx.Client, base_url: str) -> bool:
     return False
 
 
-SYSTEM_ORDER = (BARE, OURS, RAYLLM)
+SYSTEM_ORDER = SYSTEMS

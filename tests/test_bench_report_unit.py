@@ -4,7 +4,7 @@ every ratio to bare vLLM does."""
 
 from __future__ import annotations
 
-from bench.common import BARE, NATIVE, OURS, STREAM
+from bench.common import BARE, NATIVE, OURS, OURS_SERVE, RAYLLM, RAYLLM_TUNED, STREAM, SYSTEMS
 from bench.report import markdown, summarize
 from bench.run import median_start, point_sequence
 
@@ -12,6 +12,19 @@ from bench.run import median_start, point_sequence
 def test_the_runpod_point_runs_our_http_path_and_bare_vllm_on_either_side():
     assert point_sequence(NATIVE, [OURS, BARE], 0) == [(OURS, STREAM), (OURS, NATIVE), (BARE, STREAM)]
     assert point_sequence(NATIVE, [OURS, BARE], 1) == [(BARE, STREAM), (OURS, NATIVE), (OURS, STREAM)]
+
+
+def test_every_system_is_measured_beside_a_bare_run_and_the_bare_pair_is_the_noise_floor():
+    for systems in ([BARE, OURS], [BARE, OURS, RAYLLM], list(SYSTEMS), [BARE, OURS, OURS_SERVE, RAYLLM]):
+        for repeat in (0, 1):
+            sequence = [system for system, _ in point_sequence(STREAM, systems, repeat)]
+            assert sorted(s for s in sequence if s != BARE) == sorted(s for s in systems if s != BARE)
+            assert any(a == b == BARE for a, b in zip(sequence, sequence[1:]))
+            for i, system in enumerate(sequence):
+                if system != BARE:
+                    assert BARE in sequence[max(0, i - 1):i] + sequence[i + 1:i + 2], (sequence, system)
+    assert [s for s, _ in point_sequence(STREAM, list(SYSTEMS), 0)] == [
+        OURS, BARE, BARE, OURS_SERVE, RAYLLM, BARE, RAYLLM_TUNED]
 
 
 def _run(repeat: int, position: int, system: str, load_mode: str, tok_s: float, ttft: float) -> dict:

@@ -132,7 +132,7 @@ def test_streams_nobody_reads_cost_bounded_memory_and_give_their_slots_back(app)
     clients are served meanwhile. On this box the sockets' buffers (a few MB per connection on
     loopback) take in what the tiny model writes before REQUEST_TIMEOUT, which is then what ends
     them; STREAM_BUFFER_BYTES and STREAM_STALL_TIMEOUT are exercised over real sockets in
-    test_stream_channel_unit and test_router_unit."""
+    test_stream_channel_unit and test_ingress_unit."""
     settings = app.settings
     (router,) = replica_ids(app.name, "Ingress")
     router_process = replica_process(app.name, router, "Ingress")

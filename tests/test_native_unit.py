@@ -22,11 +22,9 @@ from deployments.runpod_format.native import (
     NativeInputError,
     NativeJob,
     SseBatcher,
-    event_payload,
-    iter_events,
     normalize_job,
-    split_sse,
 )
+from deployments.transport.sse import event_name, event_payload, iter_events, last_event, split_sse
 
 CHAT_FIELDS = frozenset(ChatCompletionRequest.model_fields)
 COMPLETION_FIELDS = frozenset(CompletionRequest.model_fields)
@@ -809,6 +807,16 @@ def test_event_payload():
     assert event_payload(b"  data: [DONE]  ") is None
     assert event_payload(b"data: [DONE]") is None
     assert event_payload("data: {\"t\": \"日本\"}".encode()) == {"t": "日本"}
+
+
+def test_event_name_and_last_event():
+    part = b"event: response.output_text.delta\ndata: {}\n\nevent: response.completed\ndata: {}\n\n"
+    assert event_name(last_event(part)) == b"response.completed"
+    assert event_name(b"\r\nevent:message_stop\ndata: {}") == b"message_stop"
+    assert event_name(b"data: [DONE]") is None
+    # A last event without its blank line still counts; an empty part has none.
+    assert last_event(b"data: 1\n\nevent: error\ndata: {}") == b"event: error\ndata: {}"
+    assert last_event(b"") is None and last_event(b"\n\n") is None
 
 
 def test_multibyte_text_is_really_multibyte():

@@ -25,7 +25,7 @@ from ray import serve
 from configs.settings import Accelerator, Settings
 from deployments.engine.request_models import RequestFields
 from deployments.ingress.errors import envelope
-from deployments.transport.asgi_bridge import ResponseHead, stream_asgi
+from deployments.transport.asgi_bridge import ResponseHead
 from deployments.transport.stream_channel import BodyEnd, ReplyChannels, ReplyTo
 
 DEFAULT_TOKEN_INTERVAL_S = 0.01
@@ -165,14 +165,9 @@ class FakeEngineServer:
     async def http(
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, reply_to: ReplyTo | None = None
     ) -> AsyncIterator[ResponseHead | bytes | BodyEnd]:
-        forward = None if reply_to is None else self._reply_channels.forwarder(reply_to)
-        items = stream_asgi(self._app, method, path, headers, body, forward=forward)
-        status, response_headers, first_part, more = await items.__anext__()
-        yield status, [*response_headers, self._replica_header], first_part, more
-        async for item in items:
+        async for item in self._reply_channels.answer(self._app, method, path, headers, body, reply_to,
+                                                      self._replica_header):
             yield item
-        if forward is not None and more:
-            yield BodyEnd(forward.sent)
 
     async def request_fields(self) -> RequestFields:
         return fake_request_fields()

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,7 +22,7 @@ from deployments.engine import core_process as engine_core_process
 from deployments.engine import process_title
 from deployments.engine.request_models import RequestFields, RequestSchemas, load_request_fields, load_request_schemas
 from deployments.ingress.errors import envelope
-from deployments.transport.asgi_bridge import ResponseHead, stream_asgi
+from deployments.transport.asgi_bridge import ResponseHead
 from deployments.transport.stream_channel import BodyEnd, ReplyChannels, ReplyTo
 
 logger = logging.getLogger("ray.serve")
@@ -129,9 +130,14 @@ class EngineServer:
         """One OpenAI request through vLLM's server app: a ResponseHead, then the body's other parts,
         as items of this call or, with `reply_to`, through the ingress's channel and then a BodyEnd
         (deployments.transport.stream_channel)."""
-        forward = None if reply_to is None else self._reply_channels.forwarder(reply_to)
-        items = stream_asgi(self._app, method, path, headers, body, forward=forward)
-        status, response_headers, first_part, more = await items.__anext__()
+        answer = self._reply_channels.answer(self._app, method, path, headers, body, reply_to,
+                                             self._replica_header, partial(self._fix_head, path))
+        async for item in answer:
+            yield item
+
+    def _fix_head(self, path: str, head: ResponseHead) -> ResponseHead:
+        """vLLM's answers that are not envelopes, as envelopes."""
+        status, response_headers, first_part, more = head
         if status >= 500 and not more and self._engine.errored:
             # vLLM reports a dead engine as a 500; to the caller it is a retryable 503: Serve's
             # health check is replacing this replica, and other replicas keep serving.
@@ -146,12 +152,7 @@ class EngineServer:
                 f"The model {self._served_model_name} does not serve {path} "
                 f"(it runs as: {', '.join(self._tasks)})", "NotFoundError", 404,
             )).encode()
-        # Which replica answered: for operators reading logs, and for tests of replica spread.
-        yield status, [*response_headers, self._replica_header], first_part, more
-        async for item in items:  # none with `forward`: it takes them
-            yield item
-        if forward is not None and more:
-            yield BodyEnd(forward.sent)
+        return status, response_headers, first_part, more
 
     async def request_fields(self) -> RequestFields:
         """vLLM's request fields the ingress checks requests against."""

@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -44,18 +45,26 @@ from deployments.ingress.errors import (
 from deployments.ingress.limits import RequestLimits, check_request, check_size, parse_body
 from deployments.ingress.media_guard import MediaPolicy, check_media
 from deployments.ingress.observability import RequestObserver, RequestRecord, RouterMetrics
-from deployments.ingress.routes import ANTHROPIC_ROUTES, INVOCATIONS, engine_route, invocation_route, speaks_anthropic
+from deployments.ingress.routes import (
+    ENGINE_ROUTES,
+    INVOCATIONS,
+    ROUTE_BY_PATH,
+    EngineRoute,
+    engine_route,
+    invocation_route,
+    speaks_anthropic,
+)
 from deployments.ingress.shared_fetch import SharedFetch
+from deployments.ingress.stream_end import whole_stream
 from deployments.runpod_format.native import (
     GenerationFailed,
     NativeAssembler,
     NativeJob,
     SseBatcher,
     batch_defaults,
-    event_payload,
     normalize_job,
-    split_sse,
 )
+from deployments.transport.sse import event_payload, split_sse
 from deployments.transport.stream_channel import ChanneledStream, ServeStream, StreamInbox
 
 logger = logging.getLogger("ray.serve")
@@ -86,6 +95,15 @@ def openapi_with_request_models(schemas: RequestSchemas | None) -> dict[str, Any
     from fastapi.openapi.utils import get_openapi
 
     schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+    # The engine routes read ids from the path themselves (Ingress.to_engine): declare them.
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            parameters = operation.setdefault("parameters", [])
+            named = {parameter["name"] for parameter in parameters}
+            parameters += [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                           for name in re.findall(r"{(\w+)}", path) if name not in named]
+            if not parameters:
+                del operation["parameters"]
     if schemas is None:
         return schema
     schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas.components)
@@ -214,11 +232,6 @@ class Ingress:
             return Response(status_code=204)
         return error_response(unready, "ping")
 
-    @app.get("/version")
-    async def version(self, request: Request) -> Response:
-        """vLLM's version, as `vllm serve` answers it (clients probe it)."""
-        return await self._forward(request, "/version")
-
     @app.get("/load")
     async def load(self, request: Request) -> JSONResponse:
         """`vllm serve`'s server load: the requests this ingress holds (in flight and queued)."""
@@ -239,105 +252,22 @@ class Ingress:
             return error_response(exc, "metrics")
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/v1/models")
-    @app.get("/openai/v1/models")
-    async def models(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/models")
+    async def to_engine(self, request: Request) -> Response:
+        """Every route of deployments.ingress.routes.ENGINE_ROUTES (registered below the class):
+        vLLM's own answer, through the checks, the limits and the envelope."""
+        # The matched route's template names it in logs and metrics (an id in the path would not).
+        template = request.scope["route"].path_format
+        path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+        return await self._forward(request, ROUTE_BY_PATH[engine_route(template)], engine_route(path))
 
-    @app.post("/v1/chat/completions")
-    @app.post("/openai/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/chat/completions")
-
-    @app.post("/v1/completions")
-    @app.post("/openai/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/completions")
-
-    @app.post("/v1/responses")
-    @app.post("/openai/v1/responses")
-    async def responses(self, request: Request) -> Response:
-        # Stateless, as vLLM runs it by default: `store` is ignored, so there is nothing to GET later.
-        return await self._forward(request, "/v1/responses")
-
-    @app.get("/v1/responses/{response_id}")
-    @app.get("/openai/v1/responses/{response_id}")
-    async def retrieve_response(self, request: Request, response_id: str) -> Response:
-        # vLLM's own answer, as from `vllm serve`: with the default (stateless) Responses API, a 404
-        # in its error shape naming `response_id`.
-        return await self._forward(request, f"/v1/responses/{response_id}", "/v1/responses/{response_id}")
-
-    @app.post("/v1/embeddings")
-    @app.post("/openai/v1/embeddings")
-    async def embeddings(self, request: Request) -> Response:
-        # Served when the model runs as a pooling model (vLLM picks that for embedding models;
-        # RUNNER=pooling CONVERT=embed for others); otherwise the engine answers a 404 envelope.
-        return await self._forward(request, "/v1/embeddings")
-
-    @app.post("/score")
-    @app.post("/v1/score")
-    @app.post("/openai/v1/score")
-    async def score(self, request: Request) -> Response:
-        # vLLM's scoring API, for pooling models: an embedding model scores pairs by the cosine of
-        # their embeddings, a cross-encoder (a classification model with one label) reads each pair.
-        return await self._forward(request, "/score")
-
-    @app.post("/rerank")
-    @app.post("/v1/rerank")
-    @app.post("/v2/rerank")
-    @app.post("/openai/v1/rerank")
-    async def rerank(self, request: Request) -> Response:
-        # Jina's and Cohere's rerank shape (a query and its documents), on the same scoring.
-        return await self._forward(request, "/rerank")
-
-    @app.post("/classify")
-    async def classify(self, request: Request) -> Response:
-        return await self._forward(request, "/classify")
-
-    @app.post("/pooling")
-    async def pooling(self, request: Request) -> Response:
-        # The pooling model's raw output (embeddings, class scores, per-token outputs).
-        return await self._forward(request, "/pooling")
-
-    @app.post("/v1/messages")
-    @app.post("/openai/v1/messages")
-    async def messages(self, request: Request) -> Response:
-        # Anthropic's Messages API, as `vllm serve` has it (Claude-style clients and agents); its
-        # failures, ours and the engine's, come in Anthropic's error envelope.
-        return await self._forward(request, "/v1/messages")
-
-    @app.post("/v1/messages/count_tokens")
-    @app.post("/openai/v1/messages/count_tokens")
-    async def count_message_tokens(self, request: Request) -> Response:
-        return await self._forward(request, "/v1/messages/count_tokens")
-
-    @app.post("/tokenize")
-    async def tokenize(self, request: Request) -> Response:
-        return await self._forward(request, "/tokenize")
-
-    @app.post("/detokenize")
-    async def detokenize(self, request: Request) -> Response:
-        return await self._forward(request, "/detokenize")
-
-    @app.post("/invocations")
-    async def invocations(self, request: Request) -> Response:
-        # SageMaker's inference route, as `vllm serve` has it: vLLM serves the body as chat,
-        # completion or pooling by its shape. Behind API_KEY, unlike `vllm serve`'s.
-        return await self._forward(request, INVOCATIONS)
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info(self, request: Request) -> Response:
-        # vLLM serves it with ENABLE_TOKENIZER_INFO_ENDPOINT=true; without, a 404 envelope.
-        return await self._forward(request, "/tokenizer_info")
-
-    # Last of the routes: a request's path is matched against the routes in order, and this one's
-    # pattern needn't cost the other routes anything.
+    # A request's path is matched against the routes in order; this pattern needn't cost the
+    # engine routes anything, and FastAPI registers the class's own routes before them.
     @app.get("/v1/models/{model:path}")
     @app.get("/openai/v1/models/{model:path}")
     async def model(self, request: Request, model: str) -> Response:
         """One model's card (OpenAI's and Ray Serve LLM's `models.retrieve`; `vllm serve` has only
         the list): the engine's list, filtered here."""
-        listed = await self._forward(request, "/v1/models")
+        listed = await self._forward(request, ROUTE_BY_PATH["/v1/models"])
         if listed.status_code != 200:
             return listed
         card = model_card(listed.body, model)
@@ -420,13 +350,12 @@ class Ingress:
         self._observer.finish(record)
         return response
 
-    async def _forward(self, request: Request, path: str, route: str | None = None) -> Response:
-        """`path` to the engine; `route` names it in logs and metrics when the path carries an id."""
-        record = RequestRecord(current_request_id(request), route or path)
-        anthropic = path in ANTHROPIC_ROUTES
-        # Every request with a body (generation, pooling, tokenizing) is checked and takes a
-        # MAX_CONCURRENCY slot: each of them costs the engine work; a GET of the model list doesn't.
-        admitted = request.method == "POST"
+    async def _forward(self, request: Request, route: EngineRoute, path: str | None = None) -> Response:
+        """A request to the engine on `route` (at `path` when the path carries an id)."""
+        path = path or route.path
+        record = RequestRecord(current_request_id(request), route.path)
+        anthropic = route.anthropic
+        admitted = route.admitted
         deadline = self._deadline()
         timer = asyncio.timeout_at(deadline)
         try:
@@ -434,7 +363,7 @@ class Ingress:
                 self._authorize(request.headers)
                 body = await self._read_body(request)
                 if admitted:
-                    await self._admit(path, body)
+                    await self._admit(route.path, body)
         except Exception as exc:
             return self._fail(self._timed_out(exc, timer), record, anthropic)
         headers = [
@@ -506,7 +435,7 @@ class Ingress:
         assert task is not None
         guard = StallGuard(self._settings.STREAM_STALL_TIMEOUT, stalled)
         try:
-            async for part in _whole_stream(first_part, stream, record.route):
+            async for part in whole_stream(first_part, stream, record.route):
                 record.count_stream_part(part)
                 guard.writing()
                 yield part
@@ -648,67 +577,11 @@ def model_card(model_list: bytes, model_id: str) -> bytes | None:
 async def _sse_batches(job: NativeJob, first_part: bytes, stream: Any, raw: bool) -> AsyncIterator[Any]:
     """An OpenAI-shaped job's stream in worker-vllm's batches (deployments.runpod_format.native.SseBatcher)."""
     batcher = SseBatcher(job.batch, raw)
-    async for part in _whole_stream(first_part, stream, job.route):
+    async for part in whole_stream(first_part, stream, job.route):
         for batch in batcher.feed(part):
             yield batch
     for batch in batcher.finish():
         yield batch
-
-
-SSE_END = b"data: [DONE]\n\n"
-# The events a Responses API stream ends with: vLLM sends no `data: [DONE]` there.
-RESPONSES_FINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed", b"error"})
-# And an Anthropic Messages stream.
-MESSAGES_FINAL_EVENTS = frozenset({b"message_stop", b"error"})
-
-
-class StreamCut(EngineUnavailable):
-    """The engine's SSE stream stopped before its closing event."""
-
-
-def ends_with_done(last_part: bytes) -> bool:
-    """Chat and completion streams: vLLM ends every one with `data: [DONE]`, failed ones too."""
-    return last_part.endswith(SSE_END)
-
-
-def last_event_name(last_part: bytes) -> bytes | None:
-    """The `event:` name of the last SSE event in a part (None when it has none)."""
-    events = [event for event in last_part.split(b"\n\n") if event.strip()]
-    if not events:
-        return None
-    first_line = events[-1].lstrip(b"\r\n").split(b"\n", 1)[0].strip()
-    return first_line[len(b"event:"):].strip() if first_line.startswith(b"event:") else None
-
-
-def ends_with_final_response_event(last_part: bytes) -> bool:
-    """Responses API streams: the last event is `response.completed` (or a failure's own event)."""
-    return last_event_name(last_part) in RESPONSES_FINAL_EVENTS
-
-
-def ends_with_message_stop(last_part: bytes) -> bool:
-    """Anthropic Messages streams: the last event is `message_stop` (or `error`)."""
-    return last_event_name(last_part) in MESSAGES_FINAL_EVENTS
-
-
-# Per route, how a finished stream ends (ends_with_done for the others).
-STREAM_END_CHECKS: dict[str, Callable[[bytes], bool]] = {
-    "/v1/responses": ends_with_final_response_event,
-    "/v1/messages": ends_with_message_stop,
-}
-
-
-async def _whole_stream(first_part: bytes, stream: Any, route: str) -> AsyncIterator[bytes]:
-    """The engine's SSE parts of a stream on `route`; a StreamCut after them if they stop short. A
-    stream that did not end with its route's closing event was cut (its engine went away
-    mid-response) and the caller must get an error, not what looks like a finished answer."""
-    finished = STREAM_END_CHECKS.get(route, ends_with_done)
-    last = first_part
-    yield first_part
-    async for part in stream:
-        last = part or last  # the body's closing message is usually empty
-        yield part
-    if not finished(last):
-        raise StreamCut("The engine's stream stopped before it finished; retry the request.")
 
 
 async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> AsyncIterator[dict[str, Any]]:
@@ -718,7 +591,7 @@ async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> Asy
             yield batch
         return
     buffer = b""
-    async for part in _whole_stream(first_part, stream, job.route):
+    async for part in whole_stream(first_part, stream, job.route):
         events, buffer = split_sse(buffer + part)
         for event in events:
             payload = event_payload(event)
@@ -727,6 +600,18 @@ async def _native_outputs(job: NativeJob, first_part: bytes, stream: Any) -> Asy
                     yield batch
     for batch in assembler.finish():
         yield batch
+
+
+def _register_engine_routes() -> None:
+    """The engine routes, from the one table: each public path (aliases and /openai/v1 twins
+    included) is served by Ingress.to_engine, and the OpenAPI schema lists it with its summary."""
+    for route in ENGINE_ROUTES:
+        for public_path in route.public_paths():
+            app.add_api_route(public_path, Ingress.to_engine, methods=[route.method], name=route.name,
+                              summary=route.summary)
+
+
+_register_engine_routes()
 
 
 def ingress_deployment(options: dict[str, Any]):

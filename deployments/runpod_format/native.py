@@ -12,15 +12,15 @@ OpenAI-shaped job streams its SSE events in batches of the same sizes (raw text,
 from __future__ import annotations
 
 import heapq
-import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from configs.settings import Settings
 from deployments.ingress.errors import ClientError
 from deployments.ingress.routes import JOB_ROUTES, engine_route
+from deployments.transport.sse import event_payload, split_sse
 
 # The seed's documented sampling defaults (RunPod's vLLM guide, "Sampling Parameters"): a job that
 # doesn't set one gets these, never the model's generation config (which vLLM's OpenAI layer would
@@ -285,27 +285,6 @@ def _normalize_route_job(job_input: dict[str, Any], defaults: BatchPolicy, serve
 # --- the event stream ---------------------------------------------------------------------------
 
 
-def split_sse(buffer: bytes) -> tuple[list[bytes], bytes]:
-    """Whole SSE events (without their blank-line terminator) and the incomplete rest."""
-    *events, rest = buffer.split(b"\n\n")
-    return [e for e in events if e.strip()], rest
-
-
-def event_data(event: bytes) -> str | None:
-    """The data of one SSE event (its `data:` lines joined; an `event:` line may come first, as in
-    Responses and Messages streams); None when it has none."""
-    lines = [line[5:].strip() for line in event.decode("utf-8").splitlines() if line.startswith("data:")]
-    return "\n".join(lines) if lines else None
-
-
-def event_payload(event: bytes) -> dict[str, Any] | None:
-    """The JSON of one `data:` event; None for `[DONE]` (and an event without data)."""
-    data = event_data(event)
-    if data is None or data == "[DONE]":
-        return None
-    return json.loads(data)
-
-
 class SseBatcher:
     """An OpenAI-shaped job's SSE stream -> worker-vllm's batches of 1, 3, 9, ... events (the job's
     BatchPolicy): with `raw` (RAW_OPENAI_OUTPUT, worker-vllm's default) each batch is the events' text
@@ -465,14 +444,3 @@ def split_delta(text: str, count: int, token_texts: list[str]) -> list[str]:
     if len(token_texts) == count and "".join(token_texts) == text:
         return list(token_texts)
     return [text] + [""] * (count - 1)
-
-
-def iter_events(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
-    """Events of a byte stream cut anywhere (for pure tests; the ingress does the same async)."""
-    buffer = b""
-    for chunk in chunks:
-        events, buffer = split_sse(buffer + chunk)
-        for event in events:
-            payload = event_payload(event)
-            if payload is not None:
-                yield payload

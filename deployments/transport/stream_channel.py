@@ -25,13 +25,14 @@ import hmac
 import secrets
 import struct
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from deployments.ingress.errors import EngineUnavailable, ReaderStalled
 from deployments.ingress.shared_fetch import SharedFetch
-from deployments.transport.asgi_bridge import ResponseHead
+from deployments.transport.asgi_bridge import ResponseHead, stream_asgi
 
 RECORD_HEADER = struct.Struct("!QI")
 TOKEN_BYTES = 16
@@ -460,6 +461,24 @@ class ReplyChannels:
 
     def forwarder(self, reply_to: ReplyTo) -> StreamForwarder:
         return StreamForwarder(self, reply_to)
+
+    async def answer(
+        self, app: Any, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+        reply_to: ReplyTo | None, replica_header: tuple[str, str],
+        fix_head: Callable[[ResponseHead], ResponseHead] | None = None,
+    ) -> AsyncIterator[ResponseHead | bytes | BodyEnd]:
+        """An engine replica's answer to one ingress call, served by its ASGI `app`: the ResponseHead
+        (after `fix_head`, with the replica's header), then the body's other parts, as items of the
+        call or, with `reply_to`, through the ingress's channel and then a BodyEnd."""
+        forward = None if reply_to is None else self.forwarder(reply_to)
+        items = stream_asgi(app, method, path, headers, body, forward=forward)
+        head = await items.__anext__()
+        status, response_headers, first_part, more = fix_head(head) if fix_head is not None else head
+        yield status, [*response_headers, replica_header], first_part, more
+        async for item in items:  # none with `forward`: it takes them
+            yield item
+        if forward is not None and more:
+            yield BodyEnd(forward.sent)
 
     def close(self) -> None:
         for connection in self._senders.values():

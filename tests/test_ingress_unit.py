@@ -1,4 +1,4 @@
-"""The router's pure helpers: vLLM's request fields and schemas (which the engine replica reads for
+"""The ingress's pure helpers: vLLM's request fields and schemas (which the engine replica reads for
 it), the shared fetch, the OpenAPI document, the cut-stream guard (no Ray, no engine)."""
 
 from __future__ import annotations
@@ -9,18 +9,16 @@ import subprocess
 import sys
 
 from deployments.engine.request_models import load_request_fields, load_request_schemas, vllm_request_models
-from deployments.ingress.routes import JOB_ROUTES, engine_route, speaks_anthropic
-from deployments.ingress.server import (
+from deployments.ingress.routes import ENGINE_ROUTES, JOB_ROUTES, ROUTE_BY_PATH, engine_route, speaks_anthropic
+from deployments.ingress.server import StallGuard, app, model_card, openapi_with_request_models
+from deployments.ingress.shared_fetch import SharedFetch
+from deployments.ingress.stream_end import (
     STREAM_END_CHECKS,
-    StallGuard,
     StreamCut,
-    _whole_stream,
     ends_with_final_response_event,
     ends_with_message_stop,
-    model_card,
-    openapi_with_request_models,
+    whole_stream,
 )
-from deployments.ingress.shared_fetch import SharedFetch
 
 
 def test_the_router_and_the_runpod_worker_never_import_vllm():
@@ -117,6 +115,30 @@ def test_openapi_declares_vllms_models_on_every_route_and_alias_with_a_body():
     assert "requestBody" not in bare["paths"]["/v1/chat/completions"]["post"]
 
 
+def test_the_route_table_drives_the_apps_routes():
+    """Every public path of every engine route (aliases, /openai/v1 twins) is one FastAPI route
+    served by the one forwarding method, with the table's method; nothing else forwards."""
+    served = {(route.path, method) for route in app.routes if getattr(route, "name", None) != "model"
+              for method in getattr(route, "methods", ()) if getattr(route.endpoint, "__name__", "") == "to_engine"}
+    expected = {(path, route.method) for route in ENGINE_ROUTES for path in route.public_paths()}
+    assert served == expected
+    assert ("/openai/v1/rerank", "POST") in served and ("/v2/rerank", "POST") in served
+    assert ("/openai/score", "POST") not in served and ("/openai/tokenize", "POST") not in served
+    # Each public path resolves to its route's vLLM name.
+    for route in ENGINE_ROUTES:
+        for path in route.public_paths():
+            assert ROUTE_BY_PATH[engine_route(path)] is route
+    # Limits and slots: every POST, never a GET; the RunPod jobs' table is the same table's.
+    assert {r.path for r in ENGINE_ROUTES if r.admitted} == {r.path for r in ENGINE_ROUTES if r.method == "POST"}
+    assert JOB_ROUTES["/v1/chat/completions"] == "POST" and "/tokenize" not in JOB_ROUTES
+
+
+def test_openapi_declares_the_path_parameters_of_engine_routes():
+    operation = openapi_with_request_models(None)["paths"]["/v1/responses/{response_id}"]["get"]
+    assert ("response_id", "path", True) in [(p["name"], p["in"], p["required"]) for p in operation["parameters"]]
+    assert operation["summary"]
+
+
 def test_request_fields_come_from_vllms_request_models():
     fields = load_request_fields()
     assert {"messages", "max_tokens", "temperature", "tools", "response_format"} <= fields.chat
@@ -139,7 +161,7 @@ def _read(first: bytes, *rest: bytes, route: str = "") -> tuple[list[bytes], Bas
     async def main() -> tuple[list[bytes], BaseException | None]:
         seen: list[bytes] = []
         try:
-            async for part in _whole_stream(first, _parts(*rest), route):
+            async for part in whole_stream(first, _parts(*rest), route):
                 seen.append(part)
         except StreamCut as exc:
             return seen, exc
