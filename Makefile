@@ -59,8 +59,11 @@ $(BENCH_STAMP): $(STAMP) bench/requirements-rayllm.txt bench/constraints.txt ben
 	$(VPY) -c "import vllm, transformers, matplotlib"
 	@touch $@
 
+# The systems against bare vLLM (bench/results/latest.*), then routing by prompt prefix against
+# Serve's default router on two replicas (bench/results/prefix/latest.*).
 bench: bench-install
 	$(VPY) -m bench $(BENCH_ARGS)
+	$(VPY) -m bench.prefix $(PREFIX_BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -23,10 +23,11 @@ from pathlib import Path
 
 from bench.common import MAX_MODEL_LEN, MAX_NUM_SEQS, RAY_LOGICAL_CPUS, RAY_OBJECT_STORE_BYTES, SERVED_MODEL
 
-APP_NAMES = {"ours": "llm", "ours-serve": "llm", "rayllm": "rayllm", "rayllm-tuned": "rayllm"}
+APP_NAMES = {"ours": "llm", "ours-serve": "llm", "ours-prefix": "llm", "ours-pow2": "llm", "rayllm": "rayllm",
+             "rayllm-tuned": "rayllm"}
 
 
-def build_ours(model: str, stream_transport: str):
+def build_ours(model: str, stream_transport: str, settings: dict):
     from configs.loader import load_settings
     from deployments.app import build_app_from_settings
 
@@ -37,6 +38,7 @@ def build_ours(model: str, stream_transport: str):
         "MAX_MODEL_LEN": MAX_MODEL_LEN,
         "MAX_NUM_SEQS": MAX_NUM_SEQS,
         "STREAM_TRANSPORT": stream_transport,
+        **settings,
     })
     return build_app_from_settings(settings)
 
@@ -59,6 +61,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--info", required=True)
+    parser.add_argument("--settings", default="{}", help="our app's settings (JSON) beyond the benchmark's")
     args = parser.parse_args()
 
     ours = args.system.startswith("ours")
@@ -89,7 +92,8 @@ def main() -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         if ours:
-            app = build_ours(args.model, "serve" if args.system == "ours-serve" else "channel")
+            app = build_ours(args.model, "serve" if args.system == "ours-serve" else "channel",
+                             json.loads(args.settings))
         else:
             app = build_rayllm(args.model)
         started = time.monotonic()

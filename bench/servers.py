@@ -20,7 +20,6 @@ from bench.common import (
     MAX_MODEL_LEN,
     MAX_NUM_SEQS,
     OURS,
-    OURS_SERVE,
     PYTHON,
     RAYLLM,
     RAYLLM_TUNED,
@@ -94,6 +93,7 @@ class Server:
     log_dir: Path
     fresh_compile_cache: bool = False
     ray_worker_niceness: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # our app's, beyond the benchmark's own
     proc: subprocess.Popen | None = None
     info: dict[str, Any] = field(default_factory=dict)
     startup: dict[str, Any] = field(default_factory=dict)
@@ -113,7 +113,7 @@ class Server:
             return [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                     "--port", str(self.port), *bare_vllm_args(self.model)]
         return [PYTHON, "-m", "bench.serve_app", self.system, "--port", str(self.port),
-                "--model", self.model, "--info", str(self.info_file)]
+                "--model", self.model, "--info", str(self.info_file), "--settings", json.dumps(self.settings)]
 
     def start_and_wait(self, timeout_s: float) -> dict[str, Any]:
         """Launch, then poll until a chat request streams its first token. Returns the start-up
@@ -128,7 +128,7 @@ class Server:
         if self.ray_worker_niceness is not None and self.system != BARE:
             extra["RAY_worker_niceness"] = str(self.ray_worker_niceness)
         drop: tuple[str, ...] = ()
-        if self.system in (OURS, OURS_SERVE):
+        if self.system.startswith(OURS):  # ours, ours-serve, and bench.prefix's
             # HAProxy's metrics and stats listeners: ports of this cluster's own (a `make serve`
             # or a test cluster may hold the defaults).
             extra.update(private_haproxy_ports())
@@ -163,7 +163,8 @@ class Server:
                     raise TimeoutError(f"{self.system} not serving after {timeout_s:.0f} s")
                 if models_s is None and _models_ok(client, self.base_url):
                     models_s = time.monotonic() - launched
-                if _first_token(client, self.base_url):
+                if _first_token(client, self.base_url, self.settings.get("OPENAI_SERVED_MODEL_NAME_OVERRIDE",
+                                                                         SERVED_MODEL)):
                     first_token_s = time.monotonic() - launched
                     if models_s is None and _models_ok(client, self.base_url):
                         models_s = time.monotonic() - launched  # not before the first token
@@ -247,8 +248,8 @@ def _models_ok(client: httpx.Client, base_url: str) -> bool:
         return False
 
 
-def _first_token(client: httpx.Client, base_url: str) -> bool:
-    body = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hello"}],
+def _first_token(client: httpx.Client, base_url: str, model: str = SERVED_MODEL) -> bool:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}],
             "max_tokens": 2, "stream": True}
     try:
         with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:

@@ -32,6 +32,11 @@ def router_max_ongoing_requests(settings: Settings) -> int:
     return settings.MAX_CONCURRENCY + settings.MAX_QUEUED_REQUESTS + 64
 
 
+# Imported by Serve in the ingress replica (its handle to the engine routes); a path, so that this
+# module stays free of Serve's imports.
+PREFIX_ROUTER_CLASS = "deployments.routing.prefix_router:PrefixAffinityRouter"
+
+
 def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> dict[str, Any]:
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
@@ -46,6 +51,9 @@ def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> d
         "graceful_shutdown_timeout_s": 60,
         "graceful_shutdown_wait_loop_s": 1,
     }
+    if settings.routes_by_prefix:
+        # Serve's request router API: the ingress's handle to the engine routes with this class.
+        options["request_router_config"] = {"request_router_class": PREFIX_ROUTER_CLASS}
     if settings.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": settings.MIN_REPLICAS,

@@ -33,6 +33,13 @@ class StreamTransport(str, Enum):
     SERVE = "serve"  # Serve's streamed handle call, one message per part
 
 
+class RoutingPolicy(str, Enum):
+    """How the ingress picks an engine replica for a request."""
+
+    PREFIX = "prefix"  # the replica that served the prompt's prefix (its KV cache has it)
+    POW2 = "pow2"  # Serve's default: the less loaded of two random replicas
+
+
 class PlacementStrategy(str, Enum):
     STRICT_PACK = "STRICT_PACK"
     PACK = "PACK"
@@ -169,6 +176,13 @@ class Settings(BaseModel):
     TARGET_ONGOING_REQUESTS: float | None = _field(
         None, "Autoscaling: ongoing requests per engine replica to aim for (default: MAX_NUM_SEQS / 2).",
         SCALING, gt=0,
+    )
+    ROUTING: RoutingPolicy = _field(
+        RoutingPolicy.PREFIX, "How requests pick an engine replica when there are several: `prefix` (a request "
+        "goes to the replica that served the longest start of its prompt, so vLLM's prefix cache has it; "
+        "`X-Session-Id` sticks a conversation to one replica; the least loaded of two when that replica is "
+        "busier than the others) or `pow2` (Serve's default: the less loaded of two random replicas).",
+        SCALING,
     )
     PLACEMENT_STRATEGY: PlacementStrategy = _field(
         PlacementStrategy.STRICT_PACK,
@@ -333,6 +347,12 @@ class Settings(BaseModel):
     @property
     def autoscaling(self) -> bool:
         return self.MIN_REPLICAS is not None
+
+    @property
+    def routes_by_prefix(self) -> bool:
+        """ROUTING=prefix, and there can be more than one engine replica to choose from."""
+        most = self.MAX_REPLICAS if self.autoscaling else self.NUM_REPLICAS
+        return self.ROUTING is RoutingPolicy.PREFIX and (most or 1) > 1
 
 
 DEMO_MODEL_SERVED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -87,10 +87,10 @@ def sse_lines(response: httpx.Response):
         yield buffer.rstrip(b"\r").decode("utf-8")
 
 
-def open_stream(base_url: str, headers: dict, max_tokens: int):
+def open_stream(base_url: str, headers: dict, max_tokens: int, prompt: str = "fox"):
     """A streaming completion opened and read up to its first event: (client, response, lines)."""
     client = httpx.Client(timeout=httpx.Timeout(30.0))
-    body = {"model": "tiny", "prompt": "fox", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     request = client.build_request("POST", f"{base_url}/v1/completions", json=body, headers=headers)
     response = client.send(request, stream=True)

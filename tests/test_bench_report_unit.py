@@ -4,6 +4,8 @@ every ratio to bare vLLM does."""
 
 from __future__ import annotations
 
+import itertools
+
 from bench.common import BARE, NATIVE, OURS, OURS_SERVE, RAYLLM, RAYLLM_TUNED, STREAM, SYSTEMS
 from bench.report import markdown, summarize
 from bench.run import median_start, point_sequence
@@ -19,7 +21,7 @@ def test_every_system_is_measured_beside_a_bare_run_and_the_bare_pair_is_the_noi
         for repeat in (0, 1):
             sequence = [system for system, _ in point_sequence(STREAM, systems, repeat)]
             assert sorted(s for s in sequence if s != BARE) == sorted(s for s in systems if s != BARE)
-            assert any(a == b == BARE for a, b in zip(sequence, sequence[1:]))
+            assert any(a == b == BARE for a, b in itertools.pairwise(sequence))
             for i, system in enumerate(sequence):
                 if system != BARE:
                     assert BARE in sequence[max(0, i - 1):i] + sequence[i + 1:i + 2], (sequence, system)
@@ -103,3 +105,22 @@ def test_the_markdown_shows_start_ups_with_their_range_and_ratio_to_bare():
     assert "| bare vLLM server | 26.0 [25.0-27.0] | 1 (reference) |" in text
     assert "| ours | 29.9 [28.6-33.0] | 1.15 |" in text
     assert "in 3 round(s)" in text
+
+
+def test_the_prefix_benchmark_pairs_each_prefix_run_with_the_pow2_run_beside_it():
+    from bench.prefix import POW2, PREFIX, markdown, sequence, summarize
+
+    assert sequence() == [PREFIX, POW2, POW2, PREFIX]
+    runs = []
+    for repeat, values in enumerate(([100, 200, 220, 110], [90, 240, 200, 120])):  # TTFT p50 per position
+        for position, (system, ttft) in enumerate(zip(sequence(), values, strict=True)):
+            runs.append({"repeat": repeat, "position": position, "system": system, "ttft_p50_ms": ttft,
+                         "ttft_p90_ms": 2 * ttft, "output_tok_s": 1000 / ttft})
+    summary = summarize(runs)
+    # Repeat 0: 100/200 and 110/220; repeat 1: 90/240 and 120/200.
+    assert summary["prefix_over_pow2"]["ttft_p50"]["pairs"] == 4
+    assert summary["prefix_over_pow2"]["ttft_p50"]["range"] == [0.375, 0.6]
+    assert summary["noise_pow2_over_pow2"]["ttft_p50"]["range"] == [200 / 220, 240 / 200]
+    table = markdown({"date": "d", "summary": summary,
+                      "config": {"conversations": 16, "turns": 4, "concurrency": 4, "repeats": 2}})
+    assert "| prefix / pow2 | 0.50 [0.38-0.60]" in table

@@ -143,13 +143,43 @@ def test_one_json_log_line_per_request_without_prompt_text(app):
 
 def test_requests_reach_both_replicas(app):
     seen = set()
-    for _ in range(30):
-        response = post(app, "/v1/completions", {"model": "tiny", "prompt": "fox", "max_tokens": 1})
+    for i in range(30):
+        # Different prompts: with two replicas the app routes by prompt prefix (ROUTING=prefix).
+        response = post(app, "/v1/completions", {"model": "tiny", "prompt": f"fox {i}", "max_tokens": 1})
         assert response.status_code == 200
         seen.add(response.headers["x-engine-replica"])
         if len(seen) == 2:
             break
     assert len(seen) == 2
+
+
+# --- routing by prompt prefix (ROUTING=prefix, the default with several replicas) ---------------------
+
+def test_each_conversation_stays_on_one_replica_and_conversations_spread_over_both(app):
+    """Every turn of a conversation goes to the replica that served its first (its prefix is in that
+    replica's KV cache), though all share one long system prompt; conversations spread over both."""
+    system = {"role": "system", "content": "You answer every question in one short word. " * 12}
+    placed = {}
+    for conversation in range(12):
+        messages = [system, {"role": "user", "content": f"Question {conversation}: what is a fox?"}]
+        served = []
+        for turn in range(3):
+            response = post(app, "/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 4})
+            assert response.status_code == 200, response.text
+            served.append(response.headers["x-engine-replica"])
+            answer = response.json()["choices"][0]["message"]["content"] or "..."
+            messages = [*messages, {"role": "assistant", "content": answer},
+                        {"role": "user", "content": f"And after turn {turn}?"}]
+        assert len(set(served)) == 1, served
+        placed[conversation] = served[0]
+    assert len(set(placed.values())) == 2, placed
+
+
+def test_a_session_id_pins_unrelated_requests_to_one_replica(app):
+    for session in ("session-a", "session-b"):
+        served = {post(app, "/v1/completions", {"model": "tiny", "prompt": f"unrelated {i}", "max_tokens": 1},
+                       headers={**AUTH, "x-session-id": session}).headers["x-engine-replica"] for i in range(6)}
+        assert len(served) == 1, (session, served)
 
 
 # --- backpressure -------------------------------------------------------------------------------------
@@ -415,8 +445,8 @@ def test_streamed_bodies_come_back_through_the_channel_of_each_engine_replica(ap
     from tests.faults import drain, open_stream
 
     served: dict[str, int] = {}
-    for _ in range(12):
-        client, response, lines = open_stream(app.base_url, AUTH, max_tokens=40)
+    for i in range(12):
+        client, response, lines = open_stream(app.base_url, AUTH, max_tokens=40, prompt=f"fox {i}")
         tokens, error, done = drain(lines)
         client.close()
         assert error is None and done and tokens == 40
@@ -556,8 +586,8 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
     for tree in processes.values():
         assert vllm_processes(tree, "EngineCore"), [(p.pid, p.name(), p.cmdline()[:3]) for p in tree]
     streams = {}
-    for _ in range(20):
-        client, response, lines = open_stream(app.base_url, AUTH, max_tokens=480)
+    for i in range(20):
+        client, response, lines = open_stream(app.base_url, AUTH, max_tokens=480, prompt=f"fox {i}")
         replica = response.headers["x-engine-replica"]
         if replica in streams:
             response.close()

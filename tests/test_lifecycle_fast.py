@@ -24,7 +24,7 @@ MODEL = "fake"
 LONG = {"model": MODEL, "prompt": "fox", "max_tokens": 1000}
 
 
-def start_fast_app(apps, name: str, transport: str):
+def start_fast_app(apps, name: str, transport: str, **settings):
     return apps.start(name, {
         "MODEL_NAME": MODEL,
         "MAX_MODEL_LEN": 4096,
@@ -33,6 +33,7 @@ def start_fast_app(apps, name: str, transport: str):
         "MAX_N": 4,
         "REQUEST_TIMEOUT": 4,
         "STREAM_TRANSPORT": transport,
+        **settings,
     }, engine_class=FakeEngineServer)
 
 
@@ -190,3 +191,37 @@ def test_runpod_jobs_through_the_worker(llm_app, local_api):
     bad = local_api.post("/runsync", json={"input": {"prompt": "x", "sampling_params": {"temprature": 1}}}).json()
     assert "temprature" in bad["output"][-1]["error"]
     idle(app)
+
+
+# --- ROUTING=prefix on two engine replicas ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def routed_app(apps):
+    yield start_fast_app(apps, "fast-routed", "serve", NUM_REPLICAS=2, MAX_CONCURRENCY=8, MAX_QUEUED_REQUESTS=8)
+    apps.stop("fast-routed")
+
+
+def test_prefix_routing_keeps_conversations_sessions_and_jobs_on_one_replica(routed_app):
+    app = routed_app
+    system = {"role": "system", "content": "Shared instructions for every conversation. " * 10}
+    placed = set()
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        for conversation in range(12):
+            messages = [system, {"role": "user", "content": f"question {conversation}"}]
+            served = set()
+            for turn in range(3):
+                response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                                   "max_tokens": 2})
+                assert response.status_code == 200, response.text
+                served.add(response.headers["x-engine-replica"])
+                messages = [*messages, {"role": "assistant", "content": "tok0 tok1 "},
+                            {"role": "user", "content": f"turn {turn}"}]
+            assert len(served) == 1, (conversation, served)
+            placed |= served
+        assert len(placed) == 2  # conversations spread over both replicas
+        pinned = {http.post("/v1/completions", json={"model": MODEL, "prompt": f"other {i}", "max_tokens": 1},
+                            headers={"x-session-id": "s-1"}).headers["x-engine-replica"] for i in range(8)}
+        assert len(pinned) == 1
+        spread = {http.post("/v1/completions", json={"model": MODEL, "prompt": f"other {i}", "max_tokens": 1}
+                            ).headers["x-engine-replica"] for i in range(16)}
+        assert len(spread) == 2  # the same prompts without the session: their own replicas

@@ -25,6 +25,7 @@ from ray import serve
 from configs.settings import Accelerator, Settings
 from deployments.engine.request_models import RequestFields
 from deployments.ingress.errors import envelope
+from deployments.routing.prefix_key import RouteKey
 from deployments.transport.asgi_bridge import ResponseHead
 from deployments.transport.stream_channel import BodyEnd, ReplyChannels, ReplyTo
 
@@ -163,7 +164,8 @@ class FakeEngineServer:
         self._replica_header = ("x-engine-replica", serve.get_replica_context().replica_id.unique_id)
 
     async def http(
-        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, reply_to: ReplyTo | None = None
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, reply_to: ReplyTo | None = None,
+        route_key: RouteKey | None = None,
     ) -> AsyncIterator[ResponseHead | bytes | BodyEnd]:
         async for item in self._reply_channels.answer(self._app, method, path, headers, body, reply_to,
                                                       self._replica_header):

@@ -22,6 +22,7 @@ from deployments.engine import core_process as engine_core_process
 from deployments.engine import process_title
 from deployments.engine.request_models import RequestFields, RequestSchemas, load_request_fields, load_request_schemas
 from deployments.ingress.errors import envelope
+from deployments.routing.prefix_key import RouteKey
 from deployments.transport.asgi_bridge import ResponseHead
 from deployments.transport.stream_channel import BodyEnd, ReplyChannels, ReplyTo
 
@@ -125,11 +126,13 @@ class EngineServer:
                     else "started by vLLM's own method")
 
     async def http(
-        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, reply_to: ReplyTo | None = None
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, reply_to: ReplyTo | None = None,
+        route_key: RouteKey | None = None,
     ) -> AsyncIterator[ResponseHead | bytes | BodyEnd]:
         """One OpenAI request through vLLM's server app: a ResponseHead, then the body's other parts,
         as items of this call or, with `reply_to`, through the ingress's channel and then a BodyEnd
-        (deployments.transport.stream_channel)."""
+        (deployments.transport.stream_channel). `route_key` is for the ingress's request router
+        (ROUTING=prefix, deployments.routing.prefix_router), which reads it from the call."""
         answer = self._reply_channels.answer(self._app, method, path, headers, body, reply_to,
                                              self._replica_header, partial(self._fix_head, path))
         async for item in answer:

@@ -56,6 +56,8 @@ from deployments.ingress.routes import (
 )
 from deployments.ingress.shared_fetch import SharedFetch
 from deployments.ingress.stream_end import whole_stream
+from deployments.routing.prefix_key import prefix_route_key
+from deployments.routing.prefix_router import ROUTE_KEY_ARG
 from deployments.runpod_format.native import (
     GenerationFailed,
     NativeAssembler,
@@ -74,6 +76,8 @@ HEALTH_TIMEOUT_S = 5.0
 # balancer's readiness probe must get an answer, not a hang, while the engine loads.
 READ_TIMEOUT_S = 10.0
 REQUEST_ID_HEADER = "x-request-id"
+# ROUTING=prefix: requests naming one session go to one engine replica (a conversation's KV cache).
+SESSION_HEADER = "x-session-id"
 # Engine response headers the caller sees (Serve's proxy adds x-request-id itself).
 PASSED_HEADERS = ("x-engine-replica",)
 
@@ -309,8 +313,9 @@ class Ingress:
             parts.append(part)
         return b"".join(parts)
 
-    async def _admit(self, path: str, body: bytes) -> None:
-        """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot."""
+    async def _admit(self, path: str, body: bytes) -> Any:
+        """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot.
+        Returns the parsed body."""
         fields = await self._request_fields()
         payload = parse_body(body)
         checked_as = invocation_route(payload) if path == INVOCATIONS else path
@@ -319,14 +324,20 @@ class Ingress:
         await check_media(payload, self._media_policy)
         await self._limiter.acquire()
         self._observer.update_gauges()
+        return payload
 
-    def _call_engine(self, method: str, path: str, headers: list[tuple[str, str]],
-                     body: bytes) -> ChanneledStream | ServeStream:
+    def _call_engine(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                     payload: Any = None, session_id: str | None = None) -> ChanneledStream | ServeStream:
         """One call to the engine deployment: its head through Serve, a streamed body through the
-        channel (or, with STREAM_TRANSPORT=serve, through Serve's streamed call as well)."""
+        channel (or, with STREAM_TRANSPORT=serve, through Serve's streamed call as well). With
+        ROUTING=prefix the call carries the prompt's prefix key for Serve's request router."""
+        routing = None
+        if self._settings.routes_by_prefix:
+            key = prefix_route_key(payload, session_id)
+            routing = {ROUTE_KEY_ARG: key} if key else None
         if self._settings.STREAM_TRANSPORT is StreamTransport.SERVE:
-            return ServeStream(self._engine_http, method, path, headers, body)
-        return ChanneledStream(self._inbox, self._engine_http, method, path, headers, body)
+            return ServeStream(self._engine_http, method, path, headers, body, routing)
+        return ChanneledStream(self._inbox, self._engine_http, method, path, headers, body, routing)
 
     def _deadline(self) -> float:
         """When a request arriving now must have finished (REQUEST_TIMEOUT), on the loop's clock."""
@@ -358,12 +369,13 @@ class Ingress:
         admitted = route.admitted
         deadline = self._deadline()
         timer = asyncio.timeout_at(deadline)
+        payload = None
         try:
             async with timer:
                 self._authorize(request.headers)
                 body = await self._read_body(request)
                 if admitted:
-                    await self._admit(route.path, body)
+                    payload = await self._admit(route.path, body)
         except Exception as exc:
             return self._fail(self._timed_out(exc, timer), record, anthropic)
         headers = [
@@ -371,7 +383,7 @@ class Ingress:
             (REQUEST_ID_HEADER, record.request_id),
         ]
         timer = asyncio.timeout_at(deadline)
-        stream = self._call_engine(request.method, path, headers, body)
+        stream = self._call_engine(request.method, path, headers, body, payload, request.headers.get(SESSION_HEADER))
         try:
             async with timer:
                 first = stream.__anext__()
@@ -492,7 +504,7 @@ class Ingress:
         try:
             body = json.dumps(job.body).encode() if job.body is not None else b""
             headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, job_id)]
-            stream = self._call_engine(job.method, job.route, headers, body)
+            stream = self._call_engine(job.method, job.route, headers, body, job.body)
             async with timer:
                 status, _, first_part, more = await stream.__anext__()
             watchdog = asyncio.get_running_loop().call_at(deadline, stream.expire, self._timeout())

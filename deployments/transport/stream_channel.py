@@ -232,10 +232,11 @@ class ChanneledStream:
     for`, `cancel()`): first the ResponseHead from the call, then the body parts from the channel."""
 
     def __init__(self, inbox: StreamInbox, call: Any, method: str, path: str,
-                 headers: list[tuple[str, str]], body: bytes) -> None:
+                 headers: list[tuple[str, str]], body: bytes, routing: dict[str, Any] | None = None) -> None:
         self._inbox = inbox
         self._call_method = call
         self._request = (method, path, headers, body)
+        self._routing = routing or {}  # keyword arguments only the engine's request router reads
         self._call: Any = None
         self._reply_to: ReplyTo | None = None
         self._queue: _StreamQueue | None = None
@@ -279,7 +280,7 @@ class ChanneledStream:
         if self._cancelled:
             self._close()
             raise asyncio.CancelledError
-        self._call = self._call_method.remote(*self._request, self._reply_to)
+        self._call = self._call_method.remote(*self._request, self._reply_to, **self._routing)
         try:
             head = await self._call.__anext__()
         except BaseException:
@@ -336,9 +337,11 @@ class ServeStream:
     serve): the ResponseHead, then every body part as a message of the call. ChanneledStream's
     interface, so the ingress reads either the same way."""
 
-    def __init__(self, call: Any, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> None:
+    def __init__(self, call: Any, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                 routing: dict[str, Any] | None = None) -> None:
         self._call_method = call
         self._request = (method, path, headers, body)
+        self._routing = routing or {}
         self._call: Any = None
         self._failure: BaseException | None = None
         self._cancelled = False
@@ -352,7 +355,7 @@ class ServeStream:
         if self._call is None:
             if self._cancelled:
                 raise asyncio.CancelledError
-            self._call = self._call_method.remote(*self._request)
+            self._call = self._call_method.remote(*self._request, **self._routing)
         try:
             return await self._call.__anext__()
         except (StopAsyncIteration, asyncio.CancelledError):
