@@ -2,7 +2,7 @@
 engine replicas, ROUTING=prefix against ROUTING=pow2 (Serve's default router), measured in the
 same run, back to back.
 
-    python -m bench.prefix [--conversations 16] [--turns 4] [--concurrency 4] [--repeats 3] [--out DIR]
+    python -m bench.prefix [--conversations 8] [--turns 3] [--concurrency 4] [--repeats 2] [--out DIR]
 
 The model is the demo model (SmolLM2-135M-Instruct, deployments.engine.demo_model), so prefill
 costs what it costs a real model on this CPU. Each run holds `--conversations` conversations, at
@@ -38,17 +38,17 @@ LABELS = {PREFIX: "ours, 2 replicas, ROUTING=prefix", POW2: "ours, 2 replicas, R
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "prefix"
 STARTUP_TIMEOUT_S = 900
 MAX_MODEL_LEN = 4096
-ANSWER_TOKENS = 24
+ANSWER_TOKENS = 16
 WORDS = ("river", "engine", "copper", "lantern", "orbit", "meadow", "signal", "harbor", "violet", "granite",
          "thunder", "pepper", "mosaic", "falcon", "quartz", "willow", "ember", "canyon", "silver", "tundra")
 
 
-def system_prompt(run_id: str, rng: random.Random, words: int = 900) -> str:
-    """~1,000 tokens every conversation of a run shares (a long instruction block, as agents send)."""
+def system_prompt(run_id: str, rng: random.Random, words: int = 600) -> str:
+    """~700 tokens every conversation of a run shares (a long instruction block, as agents send)."""
     return f"Run {run_id}. Follow these notes. " + " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def user_turn(rng: random.Random, words: int = 60) -> str:
+def user_turn(rng: random.Random, words: int = 40) -> str:
     return "Consider: " + " ".join(rng.choice(WORDS) for _ in range(words)) + ". Summarise briefly."
 
 
@@ -153,7 +153,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Routing by prompt prefix ({results['date']})", "",
         f"{cfg['conversations']} conversations x {cfg['turns']} turns, {cfg['concurrency']} at once, a shared "
-        f"~1,000-token system prompt, {ANSWER_TOKENS} tokens per answer; SmolLM2-135M-Instruct, two engine "
+        f"~700-token system prompt, {ANSWER_TOKENS} tokens per answer; SmolLM2-135M-Instruct, two engine "
         f"replicas; {cfg['repeats']} repeats. TTFT of the turns after the first (streamed).", "",
         "| system | TTFT p50 (ms) | TTFT p90 (ms) | output tok/s |", "|---|---|---|---|",
     ]
@@ -172,10 +172,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--conversations", type=int, default=16)
-    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--turns", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--port-base", type=int, default=8410)
     args = p.parse_args(argv)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench.prefix] starting {LABELS[system]} on {server.base_url} ...", flush=True)
             server.start_and_wait(STARTUP_TIMEOUT_S)
         for system, server in servers.items():  # warm-up: compile, first requests
-            asyncio.run(run_workload(server.base_url, f"warm-{system}", 4, 2, 2))
+            asyncio.run(run_workload(server.base_url, f"warm-{system}", 2, 2, 2))
         for repeat in range(args.repeats):
             for position, system in enumerate(sequence()):
                 time.sleep(2)

@@ -53,7 +53,10 @@ def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> d
     }
     if settings.routes_by_prefix:
         # Serve's request router API: the ingress's handle to the engine routes with this class.
-        options["request_router_config"] = {"request_router_class": PREFIX_ROUTER_CLASS}
+        options["request_router_config"] = {
+            "request_router_class": PREFIX_ROUTER_CLASS,
+            "request_router_kwargs": {"imbalance_threshold": settings.ROUTING_IMBALANCE},
+        }
     if settings.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": settings.MIN_REPLICAS,

@@ -184,6 +184,12 @@ class Settings(BaseModel):
         "busier than the others) or `pow2` (Serve's default: the less loaded of two random replicas).",
         SCALING,
     )
+    ROUTING_IMBALANCE: int = _field(
+        4, "ROUTING=prefix: requests in flight by which the replica a prompt's prefix prefers may exceed the "
+        "least loaded replica; past that the request goes to the less loaded of two (a cache hit is not worth "
+        "a longer queue). Larger for GPUs running large batches, smaller where each request takes a core.",
+        SCALING, ge=0,
+    )
     PLACEMENT_STRATEGY: PlacementStrategy = _field(
         PlacementStrategy.STRICT_PACK,
         "Placement group strategy of an engine's bundles: STRICT_PACK (one node) or PACK (may span nodes).",
@@ -229,7 +235,8 @@ class Settings(BaseModel):
         StreamTransport.CHANNEL, "How streamed output travels from an engine replica to the ingress: `channel` "
         "(one TCP connection per replica pair carries every stream's parts, written once per engine step) or "
         "`serve` (Serve's streamed handle call, one message per part). The same answers, limits and aborts "
-        "either way; `channel` costs less CPU per streamed token.", INGRESS,
+        "either way; `channel` costs less CPU per streamed token (0.91 against 0.78 of bare vLLM's tok/s at 64 "
+        "streams, `make bench`).", INGRESS,
     )
     ALLOWED_MEDIA_DOMAINS: str | None = _field(
         None, "Host names a request's media URLs (images, audio, video for a multimodal model) may name, "

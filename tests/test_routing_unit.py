@@ -140,7 +140,10 @@ def _engine_options(**settings) -> dict:
 
 
 def test_prefix_routing_is_the_default_with_several_replicas_and_pow2_is_serves_own():
-    assert _engine_options(NUM_REPLICAS=2)["request_router_config"] == {"request_router_class": PREFIX_ROUTER_CLASS}
+    assert _engine_options(NUM_REPLICAS=2)["request_router_config"] == {
+        "request_router_class": PREFIX_ROUTER_CLASS, "request_router_kwargs": {"imbalance_threshold": 4}}
+    assert _engine_options(NUM_REPLICAS=2, ROUTING_IMBALANCE=32)["request_router_config"][
+        "request_router_kwargs"] == {"imbalance_threshold": 32}
     assert _engine_options(MIN_REPLICAS=1, MAX_REPLICAS=4)["request_router_config"]["request_router_class"]
     assert "request_router_config" not in _engine_options(NUM_REPLICAS=1)
     assert "request_router_config" not in _engine_options(NUM_REPLICAS=2, ROUTING="pow2")

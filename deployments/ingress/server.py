@@ -464,6 +464,13 @@ class Ingress:
             release()
             self._observer.finish(record)
 
+    def __del__(self) -> None:
+        # Serve calls this when the replica stops: its stream channel stops listening, so no engine
+        # replica opens a connection to a replica that is going away.
+        inbox = getattr(self, "_inbox", None)
+        if inbox is not None:
+            inbox.shutdown()
+
     async def admission(self) -> dict[str, int]:
         """This replica's limiter (for operators and tests): requests in flight, queued, and the limit."""
         return {"in_flight": self._limiter.in_flight, "queued": self._limiter.queued, "limit": self._limiter.limit}

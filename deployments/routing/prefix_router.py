@@ -1,6 +1,6 @@
 """ROUTING=prefix: a Serve request router (Serve's custom request router API) that sends a request
 to the engine replica that served the longest start of its prompt, where vLLM's prefix cache
-still holds it, unless that replica is busier than the others by more than IMBALANCE_THRESHOLD.
+still holds it, unless that replica is busier than the others by more than ROUTING_IMBALANCE.
 
 It runs in the ingress replica, inside its handle to the engine deployment (configs.placement sets
 it as the engine deployment's `request_router_config`). The ingress passes each call's prefix key
@@ -30,8 +30,9 @@ from ray.serve.request_router import (
 from deployments.routing.prefix_key import RouteKey, rendezvous_choice
 
 # Ongoing requests by which the preferred replica may exceed the least loaded one before a request
-# goes to the less loaded of two instead: past this the queue costs more than a cache hit saves.
-IMBALANCE_THRESHOLD = 16
+# goes to the less loaded of two instead (ROUTING_IMBALANCE sets it): past this the queue costs
+# more than a cache hit saves.
+IMBALANCE_THRESHOLD = 4
 # Prefix hashes remembered (each maps to a replica id): ~100 bytes apiece.
 MAX_REMEMBERED = 200_000
 ROUTE_KEY_ARG = "route_key"
