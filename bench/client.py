@@ -28,7 +28,7 @@ from bench.common import INPUT_LEN, OUTPUT_LEN, SERVED_MODEL
 REQUEST_TIMEOUT_S = 600
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -47,10 +47,10 @@ def _summary(*, duration: float, completed: int, failed: int, output_tokens: int
         "output_tokens": output_tokens,
         "output_tok_s": output_tokens / duration if duration > 0 else 0.0,
         "request_s": completed / duration if duration > 0 else 0.0,
-        "ttft_p50_ms": (_percentile(ttfts, 50) or 0.0) * ms if ttfts else None,
-        "ttft_p99_ms": (_percentile(ttfts, 99) or 0.0) * ms if ttfts else None,
-        "itl_p50_ms": (_percentile(itls, 50) or 0.0) * ms if itls else None,
-        "latency_p50_ms": (_percentile(latencies, 50) or 0.0) * ms if latencies else None,
+        "ttft_p50_ms": (percentile(ttfts, 50) or 0.0) * ms if ttfts else None,
+        "ttft_p99_ms": (percentile(ttfts, 99) or 0.0) * ms if ttfts else None,
+        "itl_p50_ms": (percentile(itls, 50) or 0.0) * ms if itls else None,
+        "latency_p50_ms": (percentile(latencies, 50) or 0.0) * ms if latencies else None,
         "errors": sorted(set(e for e in (errors or []) if e))[:3],
     }
 
@@ -246,7 +246,7 @@ class LoadClient:
         # Gaps are between worker-vllm's growing batches (1, 3, 9, 27, 50 tokens), not per token.
         result = _summary(duration=duration, completed=len(ttfts), failed=len(errors), output_tokens=tokens,
                           ttfts=ttfts, latencies=latencies, errors=errors)
-        result["batch_gap_p50_ms"] = (_percentile(gaps, 50) or 0.0) * 1000 if gaps else None
+        result["batch_gap_p50_ms"] = (percentile(gaps, 50) or 0.0) * 1000 if gaps else None
         return result
 
     async def run(self, command: dict) -> dict:

@@ -84,6 +84,15 @@ def child_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -
     return env
 
 
+def adopt_child_env() -> None:
+    """The benchmark's own process gets the Ray, vLLM and Hugging Face part of child_env() too
+    (loopback, offline), and never joins someone else's cluster."""
+    for key, value in child_env().items():
+        if key.startswith(("RAY_", "VLLM_", "HF_", "TOKENIZERS")):
+            os.environ[key] = value
+    os.environ.pop("RAY_ADDRESS", None)
+
+
 def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -30,7 +30,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import REPO_ROOT, child_env, machine_info, package_versions, pick_port
+from bench.client import percentile
+from bench.common import REPO_ROOT, adopt_child_env, machine_info, package_versions, pick_port
 from bench.servers import Server
 
 PREFIX, POW2 = "ours-prefix", "ours-pow2"
@@ -108,7 +109,8 @@ async def run_workload(base_url: str, run_id: str, conversations: int, turns: in
         duration = time.perf_counter() - started
 
     def pct(values: list[float], q: int) -> float | None:
-        return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else None
+        value = percentile(values, q)  # the load client's own definition (linear interpolation)
+        return None if value is None else value * 1000
 
     return {
         "run_id": run_id, "duration_s": duration, "output_tok_s": output_tokens / duration,
@@ -179,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--port-base", type=int, default=8410)
     args = p.parse_args(argv)
-    import os
-
-    for key, value in child_env().items():
-        if key.startswith(("RAY_", "VLLM_", "HF_", "TOKENIZERS")):
-            os.environ[key] = value
+    adopt_child_env()
     from deployments.engine.demo_model import ensure_demo_model
 
     model = str(ensure_demo_model())

@@ -37,6 +37,7 @@ from bench.common import (
     REPO_ROOT,
     STREAM,
     SYSTEMS,
+    adopt_child_env,
     child_env,
     default_cache_root,
     machine_info,
@@ -249,10 +250,7 @@ def record_ray_info(results: dict[str, Any], system: str, server: Server) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for key, value in child_env().items():  # this process too: loopback, offline
-        if key.startswith(("RAY_", "VLLM_", "HF_", "TOKENIZERS")):
-            os.environ[key] = value
-    os.environ.pop("RAY_ADDRESS", None)
+    adopt_child_env()
     out: Path = args.out
     logs = out / "raw"  # git-ignored (bench/results/raw/)
     logs.mkdir(parents=True, exist_ok=True)
