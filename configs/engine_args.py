@@ -80,8 +80,10 @@ def worker_vllm_model_args(settings: Settings) -> list[str]:
         args += ["--hf-overrides", json.dumps(overrides)]
     if (speculative := speculative_config(settings)) is not None:
         args += ["--speculative-config", json.dumps(speculative)]
+    if settings.LORA_MODULES or settings.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+        args += ["--enable-lora"]
     if settings.LORA_MODULES:
-        args += ["--enable-lora", "--lora-modules"]
+        args += ["--lora-modules"]
         args += [module.model_dump_json(exclude_none=True) for module in settings.LORA_MODULES]
     return args
 

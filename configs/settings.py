@@ -134,6 +134,12 @@ class Settings(BaseModel):
         None, "LoRA adapters to serve by name, worker-vllm's JSON list: `[{\"name\": \"sql\", \"path\": "
         "\"org/sql-lora\"}]` (`base_model_name` optional). Turns on `--enable-lora`.", ENGINE,
     )
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING: bool = _field(
+        False, "`vllm serve`'s switch for LoRA at runtime: `POST /v1/load_lora_adapter` and "
+        "`/v1/unload_lora_adapter` (vLLM's bodies) load and unload an adapter on every engine replica, behind "
+        "API_KEY; a replica started later loads it when a request names it. Turns on `--enable-lora` (size it "
+        "with MAX_LORAS, MAX_LORA_RANK, MAX_CPU_LORAS).", ENGINE,
+    )
     BASE_PATH: Path | None = _field(
         None, "Model cache root, a network volume: Hugging Face downloads go to "
         "`BASE_PATH/huggingface-cache/hub` (RunPod's cached models are read from there too). Unset: "
@@ -354,6 +360,11 @@ class Settings(BaseModel):
     @property
     def autoscaling(self) -> bool:
         return self.MIN_REPLICAS is not None
+
+    @property
+    def static_adapter_names(self) -> frozenset[str]:
+        """LORA_MODULES' adapters: every engine replica loads them at start-up."""
+        return frozenset(module.name for module in self.LORA_MODULES or ())
 
     @property
     def routes_by_prefix(self) -> bool:

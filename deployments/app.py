@@ -12,6 +12,7 @@ from configs.loader import load_settings
 from configs.placement import engine_deployment_options, ingress_deployment_options
 from configs.platform import default_tensor_parallel_size, gpus_per_node, resolve_accelerator
 from configs.settings import Accelerator, Settings
+from deployments.adapters.registry import adapter_registry_deployment
 from deployments.engine.server import engine_deployment
 from deployments.ingress.server import ingress_deployment
 
@@ -27,8 +28,13 @@ def build_app_from_settings(settings: Settings, engine_class: type | None = None
         settings = settings.model_copy(update={"TENSOR_PARALLEL_SIZE": tp})
     options = engine_deployment_options(settings, accelerator)
     deployment = engine_deployment(options) if engine_class is None else engine_deployment(options, engine_class)
-    engine = deployment.bind(settings, accelerator)
-    return ingress_deployment(ingress_deployment_options(settings)).bind(engine, settings)
+    if not settings.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+        engine = deployment.bind(settings, accelerator)
+        return ingress_deployment(ingress_deployment_options(settings)).bind(engine, settings)
+    # Runtime LoRA: the registry of adapters loaded at runtime, read by engine replicas that start later.
+    registry = adapter_registry_deployment().bind()
+    engine = deployment.bind(settings, accelerator, registry)
+    return ingress_deployment(ingress_deployment_options(settings)).bind(engine, settings, registry)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

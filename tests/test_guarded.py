@@ -20,6 +20,7 @@ from ray import serve
 
 from tests.apps import TestApps
 from tests.faults import replica_ids, replica_process, sse_lines
+from tests.model_fixtures import build_tiny_lora
 
 KEYS = ("key-one-3f9a", "key-two-77c1")
 AUTH = {"authorization": f"Bearer {KEYS[1]}"}
@@ -41,6 +42,9 @@ def app(apps: TestApps, tiny_model):
         "MAX_MESSAGES": 8,
         "MAX_REQUEST_BYTES": 4096,
         "LOG_FORMAT": "json",
+        # LoRA adapters loaded at runtime, on both replicas (tests below the flood tests).
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true",
+        "MAX_LORA_RANK": 8,
     })
     yield running
     apps.stop(APP)
@@ -566,6 +570,88 @@ def test_router_and_engine_metrics_are_exported(app, apps):
         {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")})
 
 
+# --- LoRA adapters loaded at runtime, on both replicas --------------------------------------------
+
+ADAPTER = "tiny-sql"
+LAZY_ADAPTER = "tiny-lazy"
+PROMPT = "the capital of france is"
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("lora")
+    return {ADAPTER: build_tiny_lora(tiny_model, folder / ADAPTER),
+            LAZY_ADAPTER: build_tiny_lora(tiny_model, folder / LAZY_ADAPTER, seed=1)}
+
+
+def adapters_by_replica() -> dict[str, list[str]]:
+    """Each engine replica's LoRA adapters, asked of every replica at once."""
+    handle = serve.get_deployment_handle("EngineServer", APP)
+    ids = handle.broadcast("loaded_adapters").results(timeout_s=60)
+    return dict(enumerate(ids))
+
+
+def complete(app, model: str, prompt: str = PROMPT):
+    response = post(app, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    return response, response.json()
+
+
+def test_a_lora_adapter_loads_on_every_replica_at_runtime_and_requests_reach_it(app, adapter_paths):
+    spec = {"lora_name": ADAPTER, "lora_path": str(adapter_paths[ADAPTER])}
+    assert_envelope(post(app, "/v1/load_lora_adapter", spec, headers={}), 401)
+    # Bad input: a clear 4xx envelope, and no replica has anything loaded.
+    assert assert_envelope(post(app, "/v1/load_lora_adapter", {"lora_name": ADAPTER}), 400)["param"] == "lora_path"
+    base_named = post(app, "/v1/load_lora_adapter", {**spec, "lora_name": "tiny"})
+    assert assert_envelope(base_named, 400)["param"] == "lora_name"
+    missing = post(app, "/v1/load_lora_adapter", {**spec, "lora_path": "/nonexistent/adapter"})
+    assert 400 <= missing.status_code < 500
+    assert "/nonexistent/adapter" in assert_envelope(missing, missing.status_code)["message"]
+    assert_envelope(post(app, "/v1/unload_lora_adapter", {"lora_name": ADAPTER}), 404)
+    assert adapters_by_replica() == {0: [], 1: []}
+
+    loaded = post(app, "/openai/v1/load_lora_adapter", spec)
+    assert loaded.status_code == 200 and "Success" in loaded.text, loaded.text
+    assert adapters_by_replica() == {0: [ADAPTER], 1: [ADAPTER]}
+    assert "already been loaded" in assert_envelope(post(app, "/v1/load_lora_adapter", spec), 400)["message"]
+    with httpx.Client(base_url=app.base_url, timeout=60, headers=AUTH) as http:
+        listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert listed[ADAPTER]["root"] == str(adapter_paths[ADAPTER]) and listed[ADAPTER]["parent"] == "tiny"
+
+    _, base = complete(app, "tiny")
+    replies = [complete(app, ADAPTER) for _ in range(4)]
+    assert all(r.status_code == 200 and body["model"] == ADAPTER for r, body in replies)
+    tuned = {body["choices"][0]["text"] for _, body in replies}
+    assert len(tuned) == 1 and tuned != {base["choices"][0]["text"]}
+    # A RunPod job names it the same way.
+    [job] = list(app.router().options(stream=True).native.remote(
+        {"openai_route": "/v1/completions",
+         "openai_input": {"model": ADAPTER, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}}, uuid.uuid4().hex))
+    assert {job["choices"][0]["text"]} == tuned
+
+
+def test_a_replica_without_a_registered_adapter_loads_it_for_the_first_request_then_gets_its_requests(
+        app, adapter_paths):
+    # As for a replica started after the load: the registry has it, no replica has loaded it.
+    registry = serve.get_deployment_handle("AdapterRegistry", APP)
+    assert registry.claim.remote(LAZY_ADAPTER, str(adapter_paths[LAZY_ADAPTER]), False).result(timeout_s=30)[0]
+    first, body = complete(app, LAZY_ADAPTER)
+    assert first.status_code == 200 and body["model"] == LAZY_ADAPTER, first.text
+    holder = first.headers["x-engine-replica"]
+    holding = [names for names in adapters_by_replica().values() if LAZY_ADAPTER in names]
+    assert holding == [sorted([ADAPTER, LAZY_ADAPTER])]
+    time.sleep(2)  # Serve's replicas report their multiplexed models to the routers every few tenths of a second
+    # Prompts that prefix routing would spread over both replicas all go to the one that has the adapter.
+    served_by = {complete(app, LAZY_ADAPTER, f"{i} {PROMPT} {uuid.uuid4().hex}")[0].headers["x-engine-replica"]
+                 for i in range(8)}
+    assert served_by == {holder}
+    # A model nobody registered: vLLM's 404 envelope, from either replica.
+    assert_envelope(complete(app, "no-such-adapter")[0], 404)
+    unloaded = post(app, "/v1/unload_lora_adapter", {"lora_name": LAZY_ADAPTER})
+    assert unloaded.status_code == 200, unloaded.text
+    assert adapters_by_replica() == {0: [ADAPTER], 1: [ADAPTER]}
+    assert_envelope(complete(app, LAZY_ADAPTER)[0], 404)
+
+
 # --- faults with two replicas, then graceful shutdown (the module's last tests) --------------------
 
 def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
@@ -621,6 +707,17 @@ def test_killed_replica_fails_only_its_streams_and_traffic_continues(app):
     recovered_in = wait_until(replaced, timeout=240, interval=2)
     print(f"\n[faults] replica actor killed: its stream ended in {victim_ended:.1f} s; "
           f"two replicas again after {recovered_in:.0f} s")
+
+
+def test_a_replica_started_after_a_runtime_load_has_the_adapter_and_unload_reaches_every_replica(app):
+    # The replica that replaced the killed one loaded ADAPTER from the registry at start-up.
+    assert adapters_by_replica() == {0: [ADAPTER], 1: [ADAPTER]}
+    assert complete(app, ADAPTER)[0].status_code == 200
+    unloaded = post(app, "/v1/unload_lora_adapter", {"lora_name": ADAPTER})
+    assert unloaded.status_code == 200 and "removed" in unloaded.text, unloaded.text
+    assert adapters_by_replica() == {0: [], 1: []}
+    assert_envelope(complete(app, ADAPTER)[0], 404)
+    assert_envelope(post(app, "/v1/unload_lora_adapter", {"lora_name": ADAPTER}), 404)
 
 
 def test_graceful_shutdown_lets_an_in_flight_stream_finish(app):

@@ -146,6 +146,9 @@ def test_bad_input_gets_its_envelope_and_the_service_keeps_serving(app):
         fan_out = http.post("/v1/completions", json={**LONG, "prompt": ["a"] * 300, "n": 4})
         unknown = http.post("/v1/completions", json={**LONG, "model": "nope"})
         served = http.post("/v1/completions", json={"model": MODEL, "prompt": "fox", "max_tokens": 2})
+        # Runtime LoRA is off unless VLLM_ALLOW_RUNTIME_LORA_UPDATING: a 404 envelope saying so.
+        no_lora = http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/a"})
+    assert no_lora.status_code == 404 and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in no_lora.json()["error"]["message"]
     assert (malformed.status_code, malformed.json()["error"]["param"]) == (400, "body.1")
     assert (too_many.status_code, too_many.json()["error"]["param"]) == (400, "n")
     assert (fan_out.status_code, fan_out.json()["error"]["param"]) == (400, "prompt")

@@ -15,9 +15,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from configs.engine_args import OPERATOR_OVERRIDABLE, engine_process_environment, vllm_cli_args
 from configs.settings import Accelerator, Settings
+from deployments.adapters.engine_side import EngineAdapters
+from deployments.adapters.outcome import OK, AdapterOutcome
 from deployments.engine import core_process as engine_core_process
 from deployments.engine import process_title
 from deployments.engine.request_models import RequestFields, RequestSchemas, load_request_fields, load_request_schemas
@@ -70,7 +73,8 @@ class EngineServer:
     """Serve replica holding one vLLM engine. Not decorated here: the app builder applies the
     deployment options computed in `configs.placement` (placement group, replicas, limits)."""
 
-    async def __init__(self, settings: Settings, accelerator: Accelerator) -> None:
+    async def __init__(self, settings: Settings, accelerator: Accelerator,
+                       adapter_registry: DeploymentHandle | None = None) -> None:
         started = time.monotonic()
         prepare_process_environment(settings, accelerator)
         # Before any process of the engine starts: they inherit the order (deployments.engine.process_title).
@@ -121,6 +125,12 @@ class EngineServer:
         self._request_schemas: RequestSchemas | None = None
         self._reply_channels = ReplyChannels()
         self._replica_header = ("x-engine-replica", serve.get_replica_context().replica_id.unique_id)
+        # VLLM_ALLOW_RUNTIME_LORA_UPDATING: adapters loaded at runtime, those loaded before this
+        # replica started included (deployments.adapters).
+        self._adapters: EngineAdapters | None = None
+        if adapter_registry is not None:
+            self._adapters = EngineAdapters(self._app.state.openai_serving_models, adapter_registry)
+            await self._adapters.load_registered()
         logger.info("vLLM engine for %s ready in %.1f s (engine core %s)", self._served_model_name,
                     time.monotonic() - started, "forked from the preloaded fork server" if engine_core_forked
                     else "started by vLLM's own method")
@@ -132,7 +142,10 @@ class EngineServer:
         """One OpenAI request through vLLM's server app: a ResponseHead, then the body's other parts,
         as items of this call or, with `reply_to`, through the ingress's channel and then a BodyEnd
         (deployments.transport.stream_channel). `route_key` is for the ingress's request router
-        (ROUTING=prefix, deployments.routing.prefix_router), which reads it from the call."""
+        (ROUTING=prefix, deployments.routing.prefix_router), which reads it from the call. A request
+        naming a runtime LoRA adapter comes with it as its multiplexed model id."""
+        if self._adapters is not None and (adapter := serve.get_multiplexed_model_id()):
+            await self._adapters.ensure(adapter)
         answer = self._reply_channels.answer(self._app, method, path, headers, body, reply_to,
                                              self._replica_header, partial(self._fix_head, path))
         async for item in answer:
@@ -156,6 +169,25 @@ class EngineServer:
                 f"(it runs as: {', '.join(self._tasks)})", "NotFoundError", 404,
             )).encode()
         return status, response_headers, first_part, more
+
+    async def adapter(self, action: str, spec: dict[str, Any]) -> AdapterOutcome:
+        """A runtime LoRA `load`, `unload` or `restore` (undoing a load that failed elsewhere) on this
+        replica; the ingress calls it on every replica at once (deployments.adapters.fanout)."""
+        adapters = self._adapters
+        if adapters is None:
+            return AdapterOutcome(404, "Runtime LoRA is off (VLLM_ALLOW_RUNTIME_LORA_UPDATING).", "NotFoundError")
+        if action == "load":
+            return await adapters.load(spec)
+        if action == "unload":
+            return await adapters.unload(spec["lora_name"])
+        if action == "restore":
+            await adapters.restore(spec["lora_name"], spec["failed_path"], spec["previous_path"])
+            return AdapterOutcome(OK, "restored")
+        raise ValueError(f"unknown adapter action {action!r}")
+
+    async def loaded_adapters(self) -> list[str]:
+        """The LoRA adapters this replica serves (for operators and tests)."""
+        return sorted(self._app.state.openai_serving_models.lora_requests)
 
     async def request_fields(self) -> RequestFields:
         """vLLM's request fields the ingress checks requests against."""

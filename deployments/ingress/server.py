@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from configs.placement import per_router_limit
 from configs.ray_env import HANDLE_SERIALIZATION
 from configs.settings import Settings, StreamTransport
+from deployments.adapters.fanout import REQUIRED_FIELDS, adapter_body, load_everywhere, refused, unload_everywhere
 from deployments.engine.request_models import RequestSchemas
 from deployments.ingress.admission import AdmissionLimiter
 from deployments.ingress.cluster_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -160,8 +161,13 @@ def current_request_id(request: Request) -> str:
 class Ingress:
     """Serve ingress. Not decorated here: the app builder applies options from configs.placement."""
 
-    def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
+    def __init__(self, engine: DeploymentHandle, settings: Settings,
+                 adapter_registry: DeploymentHandle | None = None) -> None:
         self._engine = engine
+        # VLLM_ALLOW_RUNTIME_LORA_UPDATING: where runtime adapters are recorded (deployments.adapters).
+        self._adapter_registry = adapter_registry
+        # Models a request may name that every engine replica serves from its start.
+        self._served_everywhere = frozenset({settings.served_model_name, *settings.static_adapter_names})
         # Configured handle methods are built once, not per request.
         self._engine_http = engine.options(stream=True, **HANDLE_SERIALIZATION).http
         # Streamed bodies come back through this replica's channel (deployments.transport.stream_channel).
@@ -280,6 +286,43 @@ class Ingress:
         replica = {k: v for k, v in listed.headers.items() if k in PASSED_HEADERS}
         return Response(card, media_type="application/json", headers=replica)
 
+    @app.post("/v1/load_lora_adapter")
+    @app.post("/openai/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """`vllm serve`'s runtime LoRA load (VLLM_ALLOW_RUNTIME_LORA_UPDATING), on every engine replica:
+        `{"lora_name", "lora_path", "load_inplace"?}`; the path is read on each replica's node."""
+        return await self._adapter_call(request, "load")
+
+    @app.post("/v1/unload_lora_adapter")
+    @app.post("/openai/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """`vllm serve`'s runtime LoRA unload, on every engine replica: `{"lora_name"}`."""
+        return await self._adapter_call(request, "unload")
+
+    async def _adapter_call(self, request: Request, action: str) -> Response:
+        record = RequestRecord(current_request_id(request), f"/v1/{action}_lora_adapter")
+        try:
+            self._authorize(request.headers)
+            if self._adapter_registry is None:
+                raise NotFound("Loading LoRA adapters at runtime is off: start the app with "
+                               "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true (and API_KEY).")
+            spec = adapter_body(await self._read_body(request), REQUIRED_FIELDS[action])
+            name = spec["lora_name"]
+            outcome = refused(name, self._settings.served_model_name, self._settings.static_adapter_names, action)
+            if outcome is None and action == "load":
+                outcome = await load_everywhere(self._engine, self._adapter_registry, spec)
+            elif outcome is None:
+                outcome = await unload_everywhere(self._engine, self._adapter_registry, name)
+        except Exception as exc:
+            return self._fail(exc, record)
+        record.status = outcome.status
+        self._observer.finish(record)
+        if outcome.ok:
+            logger.info("LoRA adapter %s: %s on every engine replica", spec["lora_name"], action)
+            return Response(outcome.message, media_type="text/plain")
+        body = envelope(outcome.message, outcome.err_type or "BadRequestError", outcome.status, outcome.param)
+        return JSONResponse(body, status_code=outcome.status)
+
     async def _request_schemas(self) -> RequestSchemas:
         return await self._engine.request_schemas.remote()
 
@@ -330,14 +373,27 @@ class Ingress:
                      payload: Any = None, session_id: str | None = None) -> ChanneledStream | ServeStream:
         """One call to the engine deployment: its head through Serve, a streamed body through the
         channel (or, with STREAM_TRANSPORT=serve, through Serve's streamed call as well). With
-        ROUTING=prefix the call carries the prompt's prefix key for Serve's request router."""
+        ROUTING=prefix the call carries the prompt's prefix key for Serve's request router; a
+        request naming a runtime LoRA adapter carries it as its multiplexed model id, so Serve
+        routes it to a replica that has the adapter loaded."""
         routing = None
         if self._settings.routes_by_prefix:
             key = prefix_route_key(payload, session_id)
             routing = {ROUTE_KEY_ARG: key} if key else None
+        engine_http = self._engine_http
+        if (adapter := self._runtime_adapter(payload)) is not None:
+            engine_http = engine_http.options(multiplexed_model_id=adapter)
         if self._settings.STREAM_TRANSPORT is StreamTransport.SERVE:
-            return ServeStream(self._engine_http, method, path, headers, body, routing)
-        return ChanneledStream(self._inbox, self._engine_http, method, path, headers, body, routing)
+            return ServeStream(engine_http, method, path, headers, body, routing)
+        return ChanneledStream(self._inbox, engine_http, method, path, headers, body, routing)
+
+    def _runtime_adapter(self, payload: Any) -> str | None:
+        """The model a request names when it may be a runtime LoRA adapter: not the base model nor
+        a LORA_MODULES adapter, which every replica serves from its start."""
+        if self._adapter_registry is None or not isinstance(payload, dict):
+            return None
+        model = payload.get("model")
+        return model if isinstance(model, str) and model and model not in self._served_everywhere else None
 
     def _deadline(self) -> float:
         """When a request arriving now must have finished (REQUEST_TIMEOUT), on the loop's clock."""
