@@ -327,6 +327,11 @@ def load_settings(
     """
     env = dict(os.environ if environ is None else environ)
     args_upper = {str(k).upper(): v for k, v in (args or {}).items()}
+    if LLM_CONFIGS in args_upper:
+        # Ray Serve LLM's build_openai_app takes its models as `llm_configs`: the same as MODELS here.
+        if "MODELS" in args_upper:
+            raise SettingsError("Invalid settings:\n  MODELS and llm_configs both name the models: set one of them")
+        args_upper["MODELS"] = args_upper.pop(LLM_CONFIGS)
     fields = set(Settings.model_fields) - {"engine_cli_overrides"}
 
     def known(source: Mapping[str, Any]) -> dict[str, Any]:
@@ -356,7 +361,42 @@ def load_settings(
     except ValidationError as exc:
         errors = _format_validation_error(exc, raw) + errors
         settings = None
+    if settings is not None and settings.MODELS:
+        models, model_errors = _model_settings(settings.MODELS, env, args_upper, forward_engine_args)
+        errors += model_errors
+        if settings.VLLM_ALLOW_RUNTIME_LORA_UPDATING and len(settings.MODELS) > 1:
+            # A load names no base model: which model's replicas would take it?
+            errors.append("VLLM_ALLOW_RUNTIME_LORA_UPDATING serves one model: with several MODELS, give each its "
+                          "adapters with LORA_MODULES")
+        settings = settings.model_copy(update={"model_settings": models})
     if errors:
         raise SettingsError("Invalid settings:\n  " + "\n  ".join(errors))
     assert settings is not None
     return settings
+
+
+LLM_CONFIGS = "LLM_CONFIGS"
+
+
+def _model_settings(entries: tuple[Any, ...], env: dict[str, str], args_upper: dict[str, Any],
+                    forward_engine_args: bool) -> tuple[tuple[Settings, ...], list[str]]:
+    """Each MODELS entry's settings: the app's variables and args, overridden by the entry."""
+    from configs.models import ModelEntryError, entry_settings
+
+    base_env = {k: v for k, v in env.items() if k != "MODELS"}
+    base_args = {k: v for k, v in args_upper.items() if k != "MODELS"}
+    models: list[Settings] = []
+    errors: list[str] = []
+    for index, entry in enumerate(entries):
+        try:
+            flat = entry_settings(entry)
+            models.append(load_settings(base_env, {**base_args, **flat}, forward_engine_args=forward_engine_args))
+        except ModelEntryError as exc:
+            errors.append(f"MODELS[{index}]: {exc}")
+        except SettingsError as exc:
+            errors += [f"MODELS[{index}]: {line.strip()}" for line in str(exc).splitlines()[1:]]
+    names = [model.served_model_name for model in models]
+    if duplicated := sorted({name for name in names if names.count(name) > 1}):
+        errors.append(f"MODELS: each model needs its own served name; {', '.join(duplicated)} is given twice "
+                      "(set OPENAI_SERVED_MODEL_NAME_OVERRIDE, or model_loading_config.model_id)")
+    return tuple(models), errors

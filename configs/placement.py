@@ -7,14 +7,22 @@ from typing import Any
 
 from configs.settings import Accelerator, Settings
 
+# What a bundle asks of Ray's `accelerator_type:<X>` resource (each GPU node has 1 of it), as Ray
+# Serve LLM asks: a token, so that every device's bundle lands on a node of that GPU type.
+ACCELERATOR_TYPE_SHARE = 0.001
 
-def placement_bundles(tensor_parallel: int, pipeline_parallel: int, accelerator: Accelerator) -> list[dict[str, float]]:
+
+def placement_bundles(tensor_parallel: int, pipeline_parallel: int, accelerator: Accelerator,
+                      accelerator_type: str | None = None) -> list[dict[str, float]]:
     """One bundle per device of one engine. The engine replica itself (one CPU) lives in the first."""
     if tensor_parallel < 1 or pipeline_parallel < 1:
         raise ValueError("parallel sizes must be >= 1")
     devices = tensor_parallel * pipeline_parallel
     if accelerator is Accelerator.GPU:
-        return [{"CPU": 1, "GPU": 1}] + [{"GPU": 1} for _ in range(devices - 1)]
+        gpu: dict[str, float] = {"GPU": 1}
+        if accelerator_type:
+            gpu[f"accelerator_type:{accelerator_type}"] = ACCELERATOR_TYPE_SHARE
+        return [{"CPU": 1, **gpu}] + [dict(gpu) for _ in range(devices - 1)]
     if accelerator is Accelerator.CPU:
         return [{"CPU": 1} for _ in range(devices)]
     raise ValueError("resolve the accelerator first")
@@ -41,7 +49,7 @@ def engine_deployment_options(settings: Settings, accelerator: Accelerator) -> d
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
         "placement_group_bundles": placement_bundles(
-            settings.tensor_parallel_size, settings.PIPELINE_PARALLEL_SIZE, accelerator
+            settings.tensor_parallel_size, settings.PIPELINE_PARALLEL_SIZE, accelerator, settings.ACCELERATOR_TYPE
         ),
         "placement_group_strategy": settings.PLACEMENT_STRATEGY.value,
         "max_ongoing_requests": engine_max_ongoing_requests(settings),

@@ -183,6 +183,18 @@ class Settings(BaseModel):
         None, "Autoscaling: ongoing requests per engine replica to aim for (default: MAX_NUM_SEQS / 2).",
         SCALING, gt=0,
     )
+    MODELS: tuple[dict[str, Any] | str, ...] | None = _field(
+        None, "Several models in one app, one engine deployment each: a JSON (or YAML) list whose entries are "
+        "either this table's settings for one model (`[{\"MODEL_NAME\": \"org/a\"}, {\"MODEL_NAME\": \"org/b\", "
+        "\"MAX_MODEL_LEN\": 4096}]`; unset ones are the app's) or Ray Serve LLM's `llm_configs` entries "
+        "(`model_loading_config`, `engine_kwargs`, `deployment_config`, `accelerator_type`), or YAML files of "
+        "them. Requests pick one by `model`; the first serves requests that name none. In a Serve config's "
+        "`args`, `llm_configs` is the same.", SCALING,
+    )
+    ACCELERATOR_TYPE: str | None = _field(
+        None, "GPU type the engine's bundles ask for (Ray's `accelerator_type:<X>` resource: A10G, L4, H100, ...), "
+        "as Ray Serve LLM's `accelerator_type`. GPU only.", SCALING,
+    )
     ROUTING: RoutingPolicy = _field(
         RoutingPolicy.PREFIX, "How requests pick an engine replica when there are several: `prefix` (a request "
         "goes to the replica that served the longest start of its prompt, so vLLM's prefix cache has it; "
@@ -277,6 +289,25 @@ class Settings(BaseModel):
     # vLLM engine/frontend arguments forwarded from other variables: CLI tokens, already
     # checked against vLLM's own parser by `configs.loader` (e.g. ["--enable-prefix-caching"]).
     engine_cli_overrides: tuple[str, ...] = Field(default=(), exclude=True)
+    # MODELS: each model's own settings (the app's, overridden by its entry), loaded by configs.loader.
+    model_settings: tuple[Settings, ...] = Field(default=(), exclude=True)
+
+    @field_validator("MODELS", mode="before")
+    @classmethod
+    def _model_list(cls, value: Any) -> Any:
+        """JSON or YAML text (a variable, a Serve config's args as text), or the list itself."""
+        if isinstance(value, str):
+            import yaml
+
+            try:
+                value = yaml.safe_load(value)  # YAML's flow style reads JSON too
+            except yaml.YAMLError as exc:
+                raise ValueError(f"expected a JSON or YAML list ({exc})") from None
+        if isinstance(value, dict):
+            value = [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("is empty: name one model or more, or leave it unset")
+        return value
 
     @field_validator("ROPE_SCALING", "LORA_MODULES", mode="before")
     @classmethod
@@ -360,6 +391,11 @@ class Settings(BaseModel):
     @property
     def autoscaling(self) -> bool:
         return self.MIN_REPLICAS is not None
+
+    @property
+    def models(self) -> tuple[Settings, ...]:
+        """Each model's settings: MODELS' entries, or this one model."""
+        return self.model_settings or (self,)
 
     @property
     def static_adapter_names(self) -> frozenset[str]:

@@ -1022,7 +1022,8 @@ def test_autoscaling_settings_reach_the_built_deployment(monkeypatch):
         "MODEL_NAME": "some/model", "MIN_REPLICAS": 1, "MAX_REPLICAS": 3, "TARGET_ONGOING_REQUESTS": 8,
     }, forward_engine_args=False)
     application = app_module.build_app_from_settings(settings)
-    engine = application._bound_deployment.init_args[0]._bound_deployment  # router(engine, settings)
+    [(bound_engine, _)] = application._bound_deployment.init_args[0]  # ingress([(engine, settings)], settings)
+    engine = bound_engine._bound_deployment
     config = engine._deployment_config
     assert config.autoscaling_config.min_replicas == 1
     assert config.autoscaling_config.max_replicas == 3

@@ -228,3 +228,47 @@ def test_prefix_routing_keeps_conversations_sessions_and_jobs_on_one_replica(rou
         spread = {http.post("/v1/completions", json={"model": MODEL, "prompt": f"other {i}", "max_tokens": 1}
                             ).headers["x-engine-replica"] for i in range(16)}
         assert len(spread) == 2  # the same prompts without the session: their own replicas
+
+
+# --- several models in one app (MODELS) ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models_app(apps):
+    # The second in Ray Serve LLM's llm_configs shape, as its users' configs read.
+    yield start_fast_app(apps, "fast-models", "channel", MODEL_NAME=None, MODELS=json.dumps([
+        {"MODEL_NAME": "fake-a"},
+        {"model_loading_config": {"model_id": "fake-b", "model_source": "org/fake-b"},
+         "engine_kwargs": {"max_model_len": 64}},
+    ]))
+    apps.stop("fast-models")
+
+
+def test_requests_and_jobs_reach_the_model_they_name(models_app):
+    app = models_app
+    assert set(serve.status().applications["fast-models"].deployments) == {
+        "Ingress", "EngineServer-fake-a", "EngineServer-fake-b"}
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        def complete(**body):
+            return http.post("/v1/completions", json={"prompt": "fox", "max_tokens": 2, **body})
+
+        assert complete(model="fake-a").json()["model"] == "fake-a"
+        assert complete(model="fake-b").json()["model"] == "fake-b"
+        assert complete().json()["model"] == "fake-a"  # no model: the first
+        unknown = complete(model="fake-c")
+        assert (unknown.status_code, unknown.json()["error"]["param"]) == (404, "model")
+        # Each model's own limits: fake-b's context is 64 tokens.
+        assert complete(model="fake-a", max_tokens=100).status_code == 200
+        assert complete(model="fake-b", max_tokens=100).json()["error"]["param"] == "max_tokens"
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["fake-a", "fake-b"]
+        assert http.get("/v1/models/fake-b").json()["id"] == "fake-b"
+        assert http.get("/health").status_code == 200
+    router = app.router().options(stream=True)
+    [job] = list(router.native.remote({"prompt": "fox", "model": "fake-b", "sampling_params": {"max_tokens": 2}}, "j1"))
+    assert "error" not in job, job
+    [routed] = list(router.native.remote({"openai_route": "/v1/completions",
+                                          "openai_input": {"model": "fake-b", "prompt": "fox", "max_tokens": 2}}, "j2"))
+    assert routed["model"] == "fake-b"
+    [listed] = list(router.native.remote({"openai_route": "/v1/models"}, "j4"))
+    assert [m["id"] for m in listed["data"]] == ["fake-a", "fake-b"]
+    [refused] = list(router.native.remote({"prompt": "fox", "model": "fake-c"}, "j3"))
+    assert "fake-c" in refused["error"]

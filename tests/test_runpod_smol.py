@@ -1,5 +1,6 @@
 """The RunPod worker end to end on the SmolLM2 demo model: the runpod SDK's local test API (every
-request shape of worker-vllm's README) and its production worker loop against a stand-in queue."""
+request shape of worker-vllm's README) and its production worker loop against a stand-in queue.
+The app serves the tiny model beside it (MODELS): requests and jobs pick one by `model`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import ray
 from ray import serve
 
 from configs.settings import DEMO_MODEL_SERVED_NAME
+from deployments.app import engine_deployment_names
 from tests.faults import replica_actor, replica_ids, wait_until
 from tests.runpod_queue import RunPodQueue
 from tests.workers import ROOT, free_port, start_worker, stop_worker, wait_http, worker_env
@@ -27,10 +29,16 @@ CAPITAL = [
 ]
 
 
+TINY = "tiny"
+SMOL_ENGINE, TINY_ENGINE = engine_deployment_names([DEMO_MODEL_SERVED_NAME, TINY])
+
+
 @pytest.fixture(scope="module")
-def smol_app(apps):
-    # MODEL_NAME unset: the embedded demo model. The worker attaches to the app named "llm".
-    return apps.start("llm", {"MAX_MODEL_LEN": 2048, "MAX_CONCURRENCY": 32})
+def smol_app(apps, tiny_model):
+    # MODEL_NAME unset: the embedded demo model, first, so jobs that name no model get it. The
+    # tiny model beside it with its own context length. The worker attaches to the app named "llm".
+    return apps.start("llm", {"MAX_MODEL_LEN": 2048, "MAX_CONCURRENCY": 32, "MODELS": json.dumps([
+        {}, {"MODEL_NAME": str(tiny_model), "OPENAI_SERVED_MODEL_NAME_OVERRIDE": TINY, "MAX_MODEL_LEN": 512}])})
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,7 @@ def smol_tokenizer(smol_app):
 
 
 def engine_running(app_name: str = "llm") -> int:
-    return serve.get_deployment_handle("EngineServer", app_name).running_requests.remote().result()
+    return serve.get_deployment_handle(SMOL_ENGINE, app_name).running_requests.remote().result()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +114,37 @@ def test_readme_text_generation_example(local_api, smol_tokenizer):
 
 def test_readme_list_models_example(local_api):
     [models] = local_api.post("/runsync", json={"input": {"openai_route": "/v1/models"}}).json()["output"]
-    assert [m["id"] for m in models["data"]] == [DEMO_MODEL_SERVED_NAME]
+    assert [m["id"] for m in models["data"]] == [DEMO_MODEL_SERVED_NAME, TINY]
+
+
+def test_the_tiny_model_serves_beside_the_demo_model_requests_and_jobs_pick_by_model(local_api, smol_app):
+    assert {SMOL_ENGINE, TINY_ENGINE} < set(serve.status().applications["llm"].deployments)
+    client = smol_app.client()
+    assert [m.id for m in client.models.list().data] == [DEMO_MODEL_SERVED_NAME, TINY]
+    assert client.models.retrieve(TINY).id == TINY
+    params = {"max_tokens": 8, "temperature": 0}
+    tiny = client.completions.create(model=TINY, prompt="the fox", **params)
+    smol = client.completions.create(model=DEMO_MODEL_SERVED_NAME, prompt="the fox", **params)
+    assert tiny.model == TINY and smol.model == DEMO_MODEL_SERVED_NAME
+    assert tiny.choices[0].text != smol.choices[0].text
+    with smol_app.http() as http:
+        # Each model's own context: 512 tokens for the tiny one, 2048 for the demo model.
+        too_long = http.post("/v1/completions", json={"model": TINY, "prompt": "fox", "max_tokens": 1000})
+        assert (too_long.status_code, too_long.json()["error"]["param"]) == (400, "max_tokens")
+        unknown = http.post("/v1/completions", json={"model": "nope", "prompt": "fox", "max_tokens": 2})
+        assert (unknown.status_code, unknown.json()["error"]["param"]) == (404, "model")
+    # RunPod jobs: worker-vllm's native input and an openai_route job name the model the same way.
+    native = local_api.post("/runsync", json={"input": {"prompt": "the fox", "model": TINY,
+                                                        "sampling_params": params}}).json()
+    assert native["status"] == "COMPLETED", native
+    assert native["output"][0]["choices"][0]["tokens"][0] == tiny.choices[0].text
+    [routed] = local_api.post("/runsync", json={"input": {"openai_route": "/v1/completions", "openai_input": {
+        "model": TINY, "prompt": "the fox", **params}}}).json()["output"]
+    assert routed["model"] == TINY and routed["choices"][0]["text"] == tiny.choices[0].text
+    # A model none serves: the job's error (runpod 1.10's local API reports it as COMPLETED; the
+    # production loop marks it FAILED).
+    failed = local_api.post("/runsync", json={"input": {"prompt": "fox", "model": "nope"}}).json()
+    assert "`nope` does not exist" in failed["output"][-1]["error"]
 
 
 def test_openai_route_chat_streaming_and_not(local_api):

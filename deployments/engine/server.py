@@ -225,7 +225,10 @@ class EngineServer:
             engine.shutdown()
 
 
-def engine_deployment(options: dict[str, Any], engine_class: type = EngineServer):
-    """The engine deployment; `engine_class` with EngineServer's interface stands in for it in
-    tests of the request lifecycle (deployments.engine.fake)."""
-    return serve.deployment(engine_class, name="EngineServer", **options)
+ENGINE_DEPLOYMENT = "EngineServer"
+
+
+def engine_deployment(options: dict[str, Any], engine_class: type = EngineServer, name: str = ENGINE_DEPLOYMENT):
+    """The engine deployment (one per model); `engine_class` with EngineServer's interface stands in
+    for it in tests of the request lifecycle (deployments.engine.fake)."""
+    return serve.deployment(engine_class, name=name, **options)

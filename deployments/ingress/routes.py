@@ -70,6 +70,7 @@ ENGINE_ROUTES: tuple[EngineRoute, ...] = (
     EngineRoute("/version", "GET", "version", "vLLM's version, as `vllm serve` answers it."),
 )
 
+MODELS_ROUTE = "/v1/models"
 ROUTE_BY_PATH: dict[str, EngineRoute] = {route.path: route for route in ENGINE_ROUTES}
 # The routes a RunPod `openai_route` job can name, with their methods.
 JOB_ROUTES: dict[str, str] = {route.path: route.method for route in ENGINE_ROUTES if route.job}

@@ -22,7 +22,6 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.placement import per_router_limit
-from configs.ray_env import HANDLE_SERIALIZATION
 from configs.settings import Settings, StreamTransport
 from deployments.adapters.fanout import REQUIRED_FIELDS, adapter_body, load_everywhere, refused, unload_everywhere
 from deployments.engine.request_models import RequestSchemas
@@ -43,12 +42,14 @@ from deployments.ingress.errors import (
     error_message,
     sse_error_event,
 )
-from deployments.ingress.limits import RequestLimits, check_request, check_size, parse_body
+from deployments.ingress.limits import check_request, check_size, parse_body
 from deployments.ingress.media_guard import MediaPolicy, check_media
+from deployments.ingress.model_engines import ModelEngine, ModelEngines, request_limits
 from deployments.ingress.observability import RequestObserver, RequestRecord, RouterMetrics
 from deployments.ingress.routes import (
     ENGINE_ROUTES,
     INVOCATIONS,
+    MODELS_ROUTE,
     ROUTE_BY_PATH,
     EngineRoute,
     engine_route,
@@ -161,18 +162,14 @@ def current_request_id(request: Request) -> str:
 class Ingress:
     """Serve ingress. Not decorated here: the app builder applies options from configs.placement."""
 
-    def __init__(self, engine: DeploymentHandle, settings: Settings,
+    def __init__(self, engines: list[tuple[DeploymentHandle, Settings]], settings: Settings,
                  adapter_registry: DeploymentHandle | None = None) -> None:
-        self._engine = engine
+        # Each model's engine deployment (MODELS; one model: one), its handle methods configured once.
+        self._engines = ModelEngines(engines)
         # VLLM_ALLOW_RUNTIME_LORA_UPDATING: where runtime adapters are recorded (deployments.adapters).
         self._adapter_registry = adapter_registry
-        # Models a request may name that every engine replica serves from its start.
-        self._served_everywhere = frozenset({settings.served_model_name, *settings.static_adapter_names})
-        # Configured handle methods are built once, not per request.
-        self._engine_http = engine.options(stream=True, **HANDLE_SERIALIZATION).http
         # Streamed bodies come back through this replica's channel (deployments.transport.stream_channel).
         self._inbox = StreamInbox(ray.util.get_node_ip_address(), settings.STREAM_BUFFER_BYTES)
-        self._engine_health = engine.check_health
         # Which ingress replica answered, as x-engine-replica says which engine did: with
         # ROUTER_REPLICAS > 1, where to look when one misbehaves.
         self._replica_header = {"x-ingress-replica": serve.get_replica_context().replica_id.unique_id}
@@ -187,11 +184,9 @@ class Ingress:
         # vLLM's request fields, for the checks: from an engine replica, which has vLLM imported
         # (deployments.engine.request_models). Requests that need them before any engine is up wait for one,
         # as they would for the engine anyway.
-        self._request_fields = SharedFetch(self._engine.request_fields.remote).get
-        self._limits = RequestLimits(
-            settings.MAX_REQUEST_BYTES, settings.MAX_N, settings.MAX_MESSAGES, settings.MAX_MODEL_LEN,
-            settings.MAX_SEQUENCES_PER_REQUEST,
-        )
+        self._request_fields = SharedFetch(self._engines.default.handle.request_fields.remote).get
+        # The body size limit, before a body says which model it is for (the others are the model's).
+        self._limits = request_limits(settings)
         self._media_policy = MediaPolicy(
             frozenset(settings.allowed_media_domains),
             allow_files="--allowed-local-media-path" in settings.engine_cli_overrides,
@@ -217,17 +212,22 @@ class Ingress:
         return JSONResponse(app.openapi_schema)
 
     async def _engine_unready(self) -> EngineUnavailable | None:
-        """None once an engine answers its health check, else why not."""
-        try:
-            await asyncio.wait_for(self._engine_health.remote(), HEALTH_TIMEOUT_S)
-        except Exception as exc:
-            return EngineUnavailable(f"engine not ready: {type(exc).__name__}")
+        """None once an engine of every model answers its health check, else why not."""
+        engines = list(self._engines)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(engine.handle.check_health.remote(), HEALTH_TIMEOUT_S) for engine in engines),
+            return_exceptions=True,
+        )
+        for engine, answer in zip(engines, answers, strict=True):
+            if isinstance(answer, BaseException):
+                which = f" for {engine.name}" if self._engines.several else ""
+                return EngineUnavailable(f"engine{which} not ready: {type(answer).__name__}")
         self._engine_was_ready = True
         return None
 
     @app.get("/health")
     async def health(self) -> Response:
-        """200 once an engine can serve; 503 while none can (loading, restarting or dead)."""
+        """200 once an engine of every model can serve; 503 while one can't (loading, restarting or dead)."""
         unready = await self._engine_unready()
         return Response(status_code=200) if unready is None else error_response(unready, "health")
 
@@ -268,7 +268,10 @@ class Ingress:
         # The matched route's template names it in logs and metrics (an id in the path would not).
         template = request.scope["route"].path_format
         path = request.url.path.removeprefix(request.scope.get("root_path", ""))
-        return await self._forward(request, ROUTE_BY_PATH[engine_route(template)], engine_route(path))
+        route = ROUTE_BY_PATH[engine_route(template)]
+        if route.path == MODELS_ROUTE and self._engines.several:
+            return await self._every_model(request, route)
+        return await self._forward(request, route, engine_route(path))
 
     # A request's path is matched against the routes in order; this pattern needn't cost the
     # engine routes anything, and FastAPI registers the class's own routes before them.
@@ -277,7 +280,9 @@ class Ingress:
     async def model(self, request: Request, model: str) -> Response:
         """One model's card (OpenAI's and Ray Serve LLM's `models.retrieve`; `vllm serve` has only
         the list): the engine's list, filtered here."""
-        listed = await self._forward(request, ROUTE_BY_PATH["/v1/models"])
+        route = ROUTE_BY_PATH[MODELS_ROUTE]
+        several = self._engines.several
+        listed = await (self._every_model(request, route) if several else self._forward(request, route))
         if listed.status_code != 200:
             return listed
         card = model_card(listed.body, model)
@@ -308,11 +313,12 @@ class Ingress:
                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true (and API_KEY).")
             spec = adapter_body(await self._read_body(request), REQUIRED_FIELDS[action])
             name = spec["lora_name"]
-            outcome = refused(name, self._settings.served_model_name, self._settings.static_adapter_names, action)
+            engine = self._engines.default  # runtime LoRA serves one model (configs.models)
+            outcome = refused(name, engine.name, engine.settings.static_adapter_names, action)
             if outcome is None and action == "load":
-                outcome = await load_everywhere(self._engine, self._adapter_registry, spec)
+                outcome = await load_everywhere(engine.handle, self._adapter_registry, spec)
             elif outcome is None:
-                outcome = await unload_everywhere(self._engine, self._adapter_registry, name)
+                outcome = await unload_everywhere(engine.handle, self._adapter_registry, name)
         except Exception as exc:
             return self._fail(exc, record)
         record.status = outcome.status
@@ -323,8 +329,37 @@ class Ingress:
         body = envelope(outcome.message, outcome.err_type or "BadRequestError", outcome.status, outcome.param)
         return JSONResponse(body, status_code=outcome.status)
 
+    async def _every_model(self, request: Request, route: EngineRoute) -> Response:
+        """`GET /v1/models` with several models: each engine's list (its model, its adapters), as one."""
+        record = RequestRecord(current_request_id(request), route.path)
+        try:
+            self._authorize(request.headers)
+            listed = await self._all_models(record.request_id)
+        except Exception as exc:
+            return self._fail(exc, record)
+        record.status = 200
+        self._observer.finish(record)
+        return JSONResponse(listed, headers=self._replica_header)
+
+    async def _all_models(self, request_id: str) -> dict[str, Any]:
+        """Every model's `/v1/models` list as one, in MODELS' order."""
+        headers = [(REQUEST_ID_HEADER, request_id)]
+
+        async def listed(engine: ModelEngine) -> list[dict[str, Any]]:
+            stream = self._call_engine(engine, "GET", MODELS_ROUTE, headers, b"")
+            try:
+                status, _, body, _ = await asyncio.wait_for(stream.__anext__(), READ_TIMEOUT_S)
+            finally:
+                stream.cancel()
+            if status != 200:
+                raise EngineUnavailable(f"the engine for {engine.name} answered {status}: {error_message(body)}")
+            return json.loads(body)["data"]
+
+        lists = await asyncio.gather(*(listed(engine) for engine in self._engines))
+        return {"object": "list", "data": [card for cards in lists for card in cards]}
+
     async def _request_schemas(self) -> RequestSchemas:
-        return await self._engine.request_schemas.remote()
+        return await self._engines.default.handle.request_schemas.remote()
 
     # --- the path every OpenAI request takes ------------------------------------------------------
     def _authorize(self, headers: Any) -> None:
@@ -356,20 +391,21 @@ class Ingress:
             parts.append(part)
         return b"".join(parts)
 
-    async def _admit(self, path: str, body: bytes) -> Any:
+    async def _admit(self, path: str, body: bytes) -> tuple[Any, ModelEngine]:
         """Limits first (a bad request must not wait in the queue), then a MAX_CONCURRENCY slot.
-        Returns the parsed body."""
+        Returns the parsed body and the engine of the model it names."""
         fields = await self._request_fields()
         payload = parse_body(body)
+        engine = self._engines.for_payload(payload)
         checked_as = invocation_route(payload) if path == INVOCATIONS else path
         if checked_as is not None:
-            check_request(payload, self._limits, fields.objects[checked_as], checked_as)
+            check_request(payload, engine.limits, fields.objects[checked_as], checked_as)
         await check_media(payload, self._media_policy)
         await self._limiter.acquire()
         self._observer.update_gauges()
-        return payload
+        return payload, engine
 
-    def _call_engine(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+    def _call_engine(self, engine: ModelEngine, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
                      payload: Any = None, session_id: str | None = None) -> ChanneledStream | ServeStream:
         """One call to the engine deployment: its head through Serve, a streamed body through the
         channel (or, with STREAM_TRANSPORT=serve, through Serve's streamed call as well). With
@@ -377,23 +413,23 @@ class Ingress:
         request naming a runtime LoRA adapter carries it as its multiplexed model id, so Serve
         routes it to a replica that has the adapter loaded."""
         routing = None
-        if self._settings.routes_by_prefix:
+        if engine.settings.routes_by_prefix:
             key = prefix_route_key(payload, session_id)
             routing = {ROUTE_KEY_ARG: key} if key else None
-        engine_http = self._engine_http
-        if (adapter := self._runtime_adapter(payload)) is not None:
+        engine_http = engine.http
+        if (adapter := self._runtime_adapter(engine, payload)) is not None:
             engine_http = engine_http.options(multiplexed_model_id=adapter)
         if self._settings.STREAM_TRANSPORT is StreamTransport.SERVE:
             return ServeStream(engine_http, method, path, headers, body, routing)
         return ChanneledStream(self._inbox, engine_http, method, path, headers, body, routing)
 
-    def _runtime_adapter(self, payload: Any) -> str | None:
+    def _runtime_adapter(self, engine: ModelEngine, payload: Any) -> str | None:
         """The model a request names when it may be a runtime LoRA adapter: not the base model nor
         a LORA_MODULES adapter, which every replica serves from its start."""
         if self._adapter_registry is None or not isinstance(payload, dict):
             return None
         model = payload.get("model")
-        return model if isinstance(model, str) and model and model not in self._served_everywhere else None
+        return model if isinstance(model, str) and model and model not in engine.own_names else None
 
     def _deadline(self) -> float:
         """When a request arriving now must have finished (REQUEST_TIMEOUT), on the loop's clock."""
@@ -425,13 +461,13 @@ class Ingress:
         admitted = route.admitted
         deadline = self._deadline()
         timer = asyncio.timeout_at(deadline)
-        payload = None
+        payload, engine = None, self._engines.default
         try:
             async with timer:
                 self._authorize(request.headers)
                 body = await self._read_body(request)
                 if admitted:
-                    payload = await self._admit(route.path, body)
+                    payload, engine = await self._admit(route.path, body)
         except Exception as exc:
             return self._fail(self._timed_out(exc, timer), record, anthropic)
         headers = [
@@ -439,7 +475,8 @@ class Ingress:
             (REQUEST_ID_HEADER, record.request_id),
         ]
         timer = asyncio.timeout_at(deadline)
-        stream = self._call_engine(request.method, path, headers, body, payload, request.headers.get(SESSION_HEADER))
+        stream = self._call_engine(engine, request.method, path, headers, body, payload,
+                                   request.headers.get(SESSION_HEADER))
         try:
             async with timer:
                 first = stream.__anext__()
@@ -542,7 +579,7 @@ class Ingress:
             fields = await self._request_fields()
             job = normalize_job(
                 job_input,
-                served_model=self._settings.served_model_name,
+                served_model=self._engines.default.name,
                 defaults=self._batch_defaults,
                 chat_fields=fields.chat,
                 completion_fields=fields.completion,
@@ -550,9 +587,10 @@ class Ingress:
             for warning in job.warnings:
                 logger.warning("job %s: %s", job_id, warning)
             admitted = job.method == "POST"
+            engine = self._engines.for_payload(job.body)
             if admitted:
                 check_size(len(json.dumps(job.body)), self._limits)
-                check_request(job.body, self._limits, fields.objects[job.route], job.route)
+                check_request(job.body, engine.limits, fields.objects[job.route], job.route)
                 await check_media(job.body, self._media_policy)
                 async with timer:
                     await self._limiter.acquire()
@@ -565,9 +603,13 @@ class Ingress:
         record.status = 200
         timer = asyncio.timeout_at(deadline)
         try:
+            if job.route == MODELS_ROUTE and self._engines.several:
+                async with timer:
+                    yield await self._all_models(job_id)
+                return
             body = json.dumps(job.body).encode() if job.body is not None else b""
             headers = [("content-type", "application/json"), (REQUEST_ID_HEADER, job_id)]
-            stream = self._call_engine(job.method, job.route, headers, body, job.body)
+            stream = self._call_engine(engine, job.method, job.route, headers, body, job.body)
             async with timer:
                 status, _, first_part, more = await stream.__anext__()
             watchdog = asyncio.get_running_loop().call_at(deadline, stream.expire, self._timeout())

@@ -39,7 +39,7 @@ SEED_SAMPLING_DEFAULTS: dict[str, Any] = {
 BEAM_SEARCH_DEFAULTS = ("max_tokens",)
 
 NATIVE_KEYS = frozenset({
-    "prompt", "messages", "apply_chat_template", "sampling_params", "stream",
+    "prompt", "messages", "apply_chat_template", "sampling_params", "stream", "model",
     "max_batch_size", "min_batch_size", "batch_size_growth_factor",
 })
 BATCH_KEYS = frozenset({"max_batch_size", "min_batch_size", "batch_size_growth_factor"})
@@ -146,7 +146,9 @@ def normalize_job(
     apply_template = _expect(job_input.get("apply_chat_template", False), bool, "apply_chat_template", "a boolean")
     policy = batch_policy(job_input, defaults)
 
-    body: dict[str, Any] = {"model": served_model}
+    # With several models (MODELS) a job names one by `model`, as an OpenAI request does.
+    model = _expect(job_input.get("model", served_model), str, "model", "a model name (a string)")
+    body: dict[str, Any] = {"model": model}
     if job_input.get("messages") is not None:
         messages = _expect(job_input["messages"], list, "messages", "a list of messages")
         if not messages:
