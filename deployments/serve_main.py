@@ -84,8 +84,8 @@ def main() -> int:
             print(f"The app is deployed but {url} answered {unhealthy} for {READY_TIMEOUT_S:.0f} s; "
                   "still running (see `serve status` and the replica logs)", file=sys.stderr, flush=True)
         elif unhealthy is None:
-            print(f"Serving {settings.served_model_name} at {base}/v1 and {base}/openai/v1 (Ctrl-C stops)",
-                  flush=True)
+            models = ", ".join(model.served_model_name for model in settings.models)
+            print(f"Serving {models} at {base}/v1 and {base}/openai/v1 (Ctrl-C stops)", flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass

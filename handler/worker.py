@@ -53,7 +53,8 @@ def connect(settings: Settings) -> DeploymentHandle:
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(settings, os.cpu_count() or 1))
     if _app_status() != "RUNNING":
-        logger.warning("Deploying the Serve app %r (model %s)...", APP_NAME, settings.served_model_name)
+        logger.warning("Deploying the Serve app %r (models: %s)...", APP_NAME,
+                       ", ".join(m.served_model_name for m in settings.models))
         started = time.monotonic()
         ray.get(_deploy_app.remote())
         logger.warning("Serve app ready in %.0f s", time.monotonic() - started)
