@@ -8,12 +8,13 @@ it from the same settings (in a Ray task, so this process never imports vLLM), t
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from configs.ray_env import HANDLE_SERIALIZATION, apply_serve_performance_env
@@ -34,6 +35,7 @@ logger = logging.getLogger("handler")
 APP_NAME = "llm"  # deployments.app.APP_NAME (not imported: that module pulls in the deployments)
 DEFAULT_LOCAL_API_PORT = "8001"  # runpod's local test API defaults to 8000, where Serve listens
 HEALTH_POLL_S = 5.0
+HEALTH_STOP_TIMEOUT_S = 10.0  # one serve.status() call at most
 
 
 @ray.remote(num_cpus=0)
@@ -128,12 +130,12 @@ def is_one_shot_local_test(argv: list[str]) -> bool:
     return IS_LOCAL_TEST and "--rp_serve_api" not in argv
 
 
-def watch_health(deadline_s: float, status=_app_status, exit=os._exit, sleep=time.sleep) -> None:
+def watch_health(deadline_s: float, status=_app_status, exit=os._exit, wait=time.sleep) -> None:
     """Exit non-zero (the platform replaces the worker) only if the app stays unhealthy past the
-    deadline; Serve replaces a dead engine replica on its own long before that."""
+    deadline; Serve replaces a dead engine replica on its own long before that. `wait(s)` returning
+    true (a stop event's wait) ends the watch."""
     unhealthy_since: float | None = None
-    while True:
-        sleep(HEALTH_POLL_S)
+    while not wait(HEALTH_POLL_S):
         healthy = status() == "RUNNING"
         now = time.monotonic()
         if healthy:
@@ -144,6 +146,27 @@ def watch_health(deadline_s: float, status=_app_status, exit=os._exit, sleep=tim
             logger.error("Serve app unhealthy for %.0f s; exiting so the worker is replaced", now - unhealthy_since)
             exit(1)
             return
+
+
+def start_health_watch(deadline_s: float, watch: Callable[..., None] = watch_health) -> Callable[[], None]:
+    """Run watch_health in a thread; return its stop, which also runs at interpreter exit.
+
+    The stop must run before Ray's own exit hook (ray.shutdown): a serve.status() after it makes
+    Ray connect again from a finalizing interpreter, and that process never exited (a one-shot
+    local test hung after "Local testing complete"). atexit runs hooks last-in first-out and Ray
+    registers its hook when it is imported, so this one, registered later, runs first."""
+    stopped = threading.Event()
+    thread = threading.Thread(target=watch, args=(deadline_s,), kwargs={"wait": stopped.wait}, daemon=True,
+                              name="health-watch")
+    thread.start()
+
+    def stop() -> None:
+        stopped.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=HEALTH_STOP_TIMEOUT_S)
+
+    atexit.register(stop)
+    return stop
 
 
 def with_default_local_port(argv: list[str]) -> list[str]:
@@ -158,13 +181,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     settings = load_settings(forward_engine_args=False)
     ingress = connect(settings)
-    threading.Thread(
-        target=watch_health, args=(settings.UNHEALTHY_EXIT_SECONDS,), daemon=True, name="health-watch"
-    ).start()
     sys.argv = with_default_local_port(sys.argv)
     handler = make_handler(ingress)
+    one_shot_test = is_one_shot_local_test(sys.argv)
+    if not one_shot_test:  # one job, then exit: nothing to watch
+        start_health_watch(settings.UNHEALTHY_EXIT_SECONDS)
     runpod.serverless.start({
-        "handler": one_shot(handler) if is_one_shot_local_test(sys.argv) else handler,
+        "handler": one_shot(handler) if one_shot_test else handler,
         "return_aggregate_stream": True,
         "concurrency_modifier": lambda _current: settings.MAX_CONCURRENCY,
     })

@@ -4,6 +4,8 @@ Nothing here connects to Ray: status, exit, sleep, the clock and the router hand
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import types
 from typing import Any
 
@@ -11,7 +13,14 @@ import pytest
 
 import handler.worker as worker
 from configs.ray_env import HANDLE_SERIALIZATION
-from handler.worker import DEFAULT_LOCAL_API_PORT, HEALTH_POLL_S, make_handler, watch_health, with_default_local_port
+from handler.worker import (
+    DEFAULT_LOCAL_API_PORT,
+    HEALTH_POLL_S,
+    make_handler,
+    start_health_watch,
+    watch_health,
+    with_default_local_port,
+)
 
 # --- with_default_local_port ---------------------------------------------------------------------
 
@@ -101,7 +110,7 @@ def world(monkeypatch: pytest.MonkeyPatch):
 
 def run_watch(fake: FakeWorld, deadline_s: float) -> None:
     try:
-        watch_health(deadline_s, status=fake.status, exit=fake.exit, sleep=fake.sleep)
+        watch_health(deadline_s, status=fake.status, exit=fake.exit, wait=fake.sleep)
     except StopWatch:
         pass
 
@@ -128,6 +137,40 @@ def test_not_exactly_at_the_deadline(world):
     fake = world(["UNHEALTHY"] * 10)
     run_watch(fake, deadline_s=10)
     assert fake.exits == [(1, 1020.0)]
+
+
+def test_the_watch_stops_and_is_joined_before_ray_shuts_down(monkeypatch: pytest.MonkeyPatch):
+    """The stop hook (registered with atexit) ends the thread: no serve.status() can run after it,
+    so nothing reconnects to Ray from an exiting interpreter."""
+    hooks: list = []
+    monkeypatch.setattr(worker, "atexit", types.SimpleNamespace(register=hooks.append))
+    polls: list[float] = []
+    finished = threading.Event()
+
+    def watch(deadline_s: float, wait) -> None:
+        assert deadline_s == 7
+        while not wait(0.01):
+            polls.append(time.monotonic())
+        finished.set()
+
+    stop = start_health_watch(7, watch=watch)
+    assert hooks == [stop]
+    deadline = time.monotonic() + 5
+    while not polls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert polls, "the watch never polled"
+    stop()  # returns only once the thread has ended
+    assert finished.is_set()
+    count = len(polls)
+    time.sleep(0.05)
+    assert len(polls) == count
+
+
+def test_the_real_watch_returns_when_its_wait_says_stop():
+    calls: list[str] = []
+    watch_health(10, status=lambda: calls.append("status") or "RUNNING", exit=lambda code: calls.append("exit"),
+                 wait=lambda seconds: True)
+    assert calls == []
 
 
 def test_no_exit_while_within_the_deadline(world):

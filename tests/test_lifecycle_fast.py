@@ -6,6 +6,8 @@ tests. The same behaviours are proved against real vLLM in the *_tiny and *_smol
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -194,6 +196,19 @@ def test_runpod_jobs_through_the_worker(llm_app, local_api):
     bad = local_api.post("/runsync", json={"input": {"prompt": "x", "sampling_params": {"temprature": 1}}}).json()
     assert "temprature" in bad["output"][-1]["error"]
     idle(app)
+
+
+def test_the_one_shot_local_test_runs_its_job_and_exits(llm_app, tmp_path):
+    """`python -m handler --test_input ...` (runpod's local test) prints the job's result and exits 0,
+    connecting to Ray once: nothing may reconnect from the exiting interpreter (that hung once)."""
+    job = {"input": {"prompt": "fox", "sampling_params": {"max_tokens": 5}}}
+    done = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps(job)], cwd=tmp_path,
+                          env=worker_env(), capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "tok0 tok1 tok2 tok3 tok4 " in output and "Local testing complete" in output
+    assert output.count("Connecting to existing Ray cluster") == 1, output[-3000:]
+    idle(llm_app)
 
 
 # --- ROUTING=prefix on two engine replicas ------------------------------------------------------------

@@ -187,6 +187,8 @@ def test_one_shot_local_test_runs_the_sample_job(smol_app, tmp_path):
                           env=worker_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Paris" in done.stdout + done.stderr
+    # Nothing touched Ray after its exit hook (a second connect is how the exit once hung).
+    assert (done.stdout + done.stderr).count("Connecting to existing Ray cluster") == 1, done.stderr[-3000:]
     bad = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps({"input": {"prompt": 3}})],
                          cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "prompt" in bad.stdout + bad.stderr
