@@ -1,19 +1,29 @@
-"""`make bench`'s routing comparison: a shared-prefix, multi-turn chat workload on our app with two
-engine replicas, ROUTING=prefix against ROUTING=pow2 (Serve's default router), measured in the
-same run, back to back.
+"""`make bench`'s routing comparison: multi-turn chat workloads on our app with two engine
+replicas, ROUTING=prefix against ROUTING=pow2 (Serve's default router), measured in the same run,
+back to back.
 
-    python -m bench.prefix [--conversations 8] [--turns 3] [--concurrency 4] [--repeats 2] [--out DIR]
+    python -m bench.prefix [--workloads shared-system,own-context] [--conversations 8] [--turns 3]
+                           [--concurrency 4] [--repeats 2] [--out DIR]
 
 The model is the demo model (SmolLM2-135M-Instruct, deployments.engine.demo_model), so prefill
 costs what it costs a real model on this CPU. Each run holds `--conversations` conversations, at
 most `--concurrency` at once; a conversation's turns go one after the other, each turn's prompt
-the whole conversation so far: one long system prompt every conversation shares, then per turn
-a user message and the answer. Every run has its own system prompt and conversations, so no run
-finds its prompts cached by an earlier one.
+the whole conversation so far: a long system prompt, then per turn a user message and the answer.
+Two workloads:
 
-Order per repeat: prefix, pow2, pow2, prefix (each system first and last as often); each prefix
-run is paired with the pow2 run beside it, and the pow2/pow2 pair is the noise floor. TTFT is of every turn
-(streamed), p50 and p90; tok/s is output tokens over the run's wall time.
+- `shared-system`: every conversation of a run shares one ~700-token system prompt (an agent's
+  instructions). Every replica soon caches it, whichever router; what routing can save is the
+  conversation's own tail.
+- `own-context`: each conversation has its own ~700-token system prompt (a document, a user's
+  history), and its user reads each answer for 0.5-1.5 s before the next turn, as people do: a
+  turn sent to the other replica prefills all of it again. Without that pause Serve's default
+  router keeps a conversation in place by accident (the replica its last turn just left is the
+  less loaded one) and the comparison would not show routing at all.
+
+Every run has its own prompts, so no run finds its prompts cached by an earlier one. Order per
+repeat: prefix, pow2, pow2, prefix (each system first and last as often); each prefix run is paired
+with the pow2 run beside it, and the pow2/pow2 pair is the noise floor. TTFT is of the turns after
+the first (streamed), p50 and p90; tok/s is output tokens over the run's wall time.
 """
 
 from __future__ import annotations
@@ -40,6 +50,12 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "prefix"
 STARTUP_TIMEOUT_S = 900
 MAX_MODEL_LEN = 4096
 ANSWER_TOKENS = 16
+WORKLOADS = ("shared-system", "own-context")
+WORKLOAD_TEXT = {
+    "shared-system": "a shared ~700-token system prompt",
+    "own-context": "a ~700-token system prompt of each conversation's own, 0.5-1.5 s between turns",
+}
+THINK_S = {"shared-system": (0.0, 0.0), "own-context": (0.5, 1.5)}  # a user's pause between turns
 WORDS = ("river", "engine", "copper", "lantern", "orbit", "meadow", "signal", "harbor", "violet", "granite",
          "thunder", "pepper", "mosaic", "falcon", "quartz", "willow", "ember", "canyon", "silver", "tundra")
 
@@ -77,21 +93,34 @@ async def _turn(http: httpx.AsyncClient, messages: list[dict[str, str]]) -> tupl
     return ttft, tokens, "".join(text)
 
 
-async def run_workload(base_url: str, run_id: str, conversations: int, turns: int, concurrency: int) -> dict:
+def system_prompts(workload: str, run_id: str, rng: random.Random, conversations: int) -> list[str]:
+    """Each conversation's system prompt: one for all (shared-system), or one each (own-context)."""
+    if workload == "shared-system":
+        return [system_prompt(run_id, rng)] * conversations
+    if workload == "own-context":
+        return [system_prompt(f"{run_id}-c{i}", rng) for i in range(conversations)]
+    raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
+
+
+async def run_workload(base_url: str, run_id: str, conversations: int, turns: int, concurrency: int,
+                       workload: str = "shared-system") -> dict:
     rng = random.Random(run_id)
-    system = system_prompt(run_id, rng)
+    systems = system_prompts(workload, run_id, rng, conversations)
     scripts = [[user_turn(rng) for _ in range(turns)] for _ in range(conversations)]
+    pauses = [[rng.uniform(*THINK_S[workload]) for _ in range(turns)] for _ in range(conversations)]
     ttfts: list[float] = []
     first_turn_ttfts: list[float] = []
     output_tokens = 0
     failures: list[str] = []
     gate = asyncio.Semaphore(concurrency)
 
-    async def conversation(http: httpx.AsyncClient, script: list[str]) -> None:
+    async def conversation(http: httpx.AsyncClient, system: str, script: list[str], pause: list[float]) -> None:
         nonlocal output_tokens
         async with gate:
             messages = [{"role": "system", "content": system}]
             for index, question in enumerate(script):
+                if index:
+                    await asyncio.sleep(pause[index])
                 messages.append({"role": "user", "content": question})
                 try:
                     ttft, tokens, answer = await _turn(http, messages)
@@ -105,7 +134,7 @@ async def run_workload(base_url: str, run_id: str, conversations: int, turns: in
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits, trust_env=False) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(conversation(http, script) for script in scripts))
+        await asyncio.gather(*(conversation(http, *parts) for parts in zip(systems, scripts, pauses, strict=True)))
         duration = time.perf_counter() - started
 
     def pct(values: list[float], q: int) -> float | None:
@@ -150,30 +179,34 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    s = results["summary"]
     cfg = results["config"]
     lines = [
         f"# Routing by prompt prefix ({results['date']})", "",
-        f"{cfg['conversations']} conversations x {cfg['turns']} turns, {cfg['concurrency']} at once, a shared "
-        f"~700-token system prompt, {ANSWER_TOKENS} tokens per answer; SmolLM2-135M-Instruct, two engine "
-        f"replicas; {cfg['repeats']} repeats. TTFT of the turns after the first (streamed).", "",
-        "| system | TTFT p50 (ms) | TTFT p90 (ms) | output tok/s |", "|---|---|---|---|",
+        f"{cfg['conversations']} conversations x {cfg['turns']} turns, {cfg['concurrency']} at once, "
+        f"{ANSWER_TOKENS} tokens per answer; SmolLM2-135M-Instruct, two engine replicas; {cfg['repeats']} "
+        "repeats. TTFT of the turns after the first (streamed).",
     ]
-    for system in (PREFIX, POW2):
-        m = s["medians"][system]
-        lines.append(f"| {LABELS[system]} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | "
-                     f"{m['output_tok_s']:.1f} |")
-    lines += ["", "| ratio (median of pairs, range) | TTFT p50 | TTFT p90 | tok/s |", "|---|---|---|---|"]
-    for name, key in (("prefix / pow2", "prefix_over_pow2"), ("noise floor pow2 / pow2", "noise_pow2_over_pow2")):
-        row = s[key]
-        cells = [f"{row[k]['median']:.2f} [{row[k]['range'][0]:.2f}-{row[k]['range'][1]:.2f}]"
-                 for k in ("ttft_p50", "ttft_p90", "tok_s")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for workload, result in results["workloads"].items():
+        s = result["summary"]
+        lines += ["", f"## {workload}: {WORKLOAD_TEXT.get(workload, workload)}", "",
+                  "| system | TTFT p50 (ms) | TTFT p90 (ms) | output tok/s |", "|---|---|---|---|"]
+        for system in (PREFIX, POW2):
+            m = s["medians"][system]
+            lines.append(f"| {LABELS[system]} | {m['ttft_p50_ms']:.0f} | {m['ttft_p90_ms']:.0f} | "
+                         f"{m['output_tok_s']:.1f} |")
+        lines += ["", "| ratio (median of pairs, range) | TTFT p50 | TTFT p90 | tok/s |", "|---|---|---|---|"]
+        for name, key in (("prefix / pow2", "prefix_over_pow2"), ("noise floor pow2 / pow2", "noise_pow2_over_pow2")):
+            row = s[key]
+            cells = [f"{row[k]['median']:.2f} [{row[k]['range'][0]:.2f}-{row[k]['range'][1]:.2f}]"
+                     for k in ("ttft_p50", "ttft_p90", "tok_s")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, of: {', '.join(WORKLOADS)}")
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4)
@@ -181,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--port-base", type=int, default=8410)
     args = p.parse_args(argv)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        p.error(f"--workloads: {', '.join(unknown) or 'none given'}; choose from {', '.join(WORKLOADS)}")
     adopt_child_env()
     from deployments.engine.demo_model import ensure_demo_model
 
@@ -195,33 +232,34 @@ def main(argv: list[str] | None = None) -> int:
                        settings={**settings, "ROUTING": "prefix" if system == PREFIX else "pow2"})
         for i, system in enumerate((PREFIX, POW2))
     }
-    runs: list[dict] = []
+    runs: dict[str, list[dict]] = {workload: [] for workload in workloads}
     try:
         for system, server in servers.items():
             print(f"[bench.prefix] starting {LABELS[system]} on {server.base_url} ...", flush=True)
             server.start_and_wait(STARTUP_TIMEOUT_S)
         for system, server in servers.items():  # warm-up: compile, first requests
             asyncio.run(run_workload(server.base_url, f"warm-{system}", 2, 2, 2))
-        for repeat in range(args.repeats):
-            for position, system in enumerate(sequence()):
-                time.sleep(2)
-                run_id = f"r{repeat}p{position}"
-                r = asyncio.run(run_workload(servers[system].base_url, run_id, args.conversations, args.turns,
-                                             args.concurrency))
-                runs.append({"repeat": repeat, "position": position, "system": system, **r})
-                print(f"[bench.prefix] r{repeat} #{position} {system:<11} TTFT p50 {r['ttft_p50_ms']:.0f} ms "
-                      f"p90 {r['ttft_p90_ms']:.0f} ms, {r['output_tok_s']:.1f} tok/s, failed {r['failed']}",
-                      flush=True)
+        for workload in workloads:
+            for repeat in range(args.repeats):
+                for position, system in enumerate(sequence()):
+                    time.sleep(2)
+                    run_id = f"{workload}-r{repeat}p{position}"
+                    r = asyncio.run(run_workload(servers[system].base_url, run_id, args.conversations, args.turns,
+                                                 args.concurrency, workload))
+                    runs[workload].append({"repeat": repeat, "position": position, "system": system, **r})
+                    print(f"[bench.prefix] {workload} r{repeat} #{position} {system:<11} TTFT p50 "
+                          f"{r['ttft_p50_ms']:.0f} ms p90 {r['ttft_p90_ms']:.0f} ms, {r['output_tok_s']:.1f} tok/s, "
+                          f"failed {r['failed']}", flush=True)
     finally:
         for server in servers.values():
             server.stop()
     results = {"date": date, "machine": machine_info(), "versions": package_versions(),
                "config": {**vars(args), "out": str(args.out), "model": model, "settings": settings},
-               "runs": runs, "summary": summarize(runs)}
+               "workloads": {workload: {"runs": rs, "summary": summarize(rs)} for workload, rs in runs.items()}}
     (args.out / "latest.json").write_text(json.dumps(results, indent=2))
     (args.out / "latest.md").write_text(markdown(results))
     print(markdown(results), flush=True)
-    return 0 if not any(r["failed"] for r in runs) else 1
+    return 0 if not any(r["failed"] for rs in runs.values() for r in rs) else 1
 
 
 if __name__ == "__main__":

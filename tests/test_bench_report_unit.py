@@ -5,6 +5,9 @@ every ratio to bare vLLM does."""
 from __future__ import annotations
 
 import itertools
+import random
+
+import pytest
 
 from bench.common import BARE, NATIVE, OURS, OURS_SERVE, RAYLLM, RAYLLM_TUNED, STREAM, SYSTEMS
 from bench.report import markdown, summarize
@@ -121,6 +124,19 @@ def test_the_prefix_benchmark_pairs_each_prefix_run_with_the_pow2_run_beside_it(
     assert summary["prefix_over_pow2"]["ttft_p50"]["pairs"] == 4
     assert summary["prefix_over_pow2"]["ttft_p50"]["range"] == [0.375, 0.6]
     assert summary["noise_pow2_over_pow2"]["ttft_p50"]["range"] == [200 / 220, 240 / 200]
-    table = markdown({"date": "d", "summary": summary,
+    table = markdown({"date": "d", "workloads": {"own-context": {"summary": summary}},
                       "config": {"conversations": 16, "turns": 4, "concurrency": 4, "repeats": 2}})
+    assert "## own-context: a ~700-token system prompt of each conversation's own" in table
     assert "| prefix / pow2 | 0.50 [0.38-0.60]" in table
+
+
+def test_the_prefix_benchmark_workloads_share_or_own_their_system_prompts():
+    from bench.prefix import main, system_prompts
+
+    shared = system_prompts("shared-system", "r0", random.Random(0), 4)
+    own = system_prompts("own-context", "r0", random.Random(0), 4)
+    assert len(set(shared)) == 1 and len(set(own)) == 4 and len(own[0].split()) > 500
+    with pytest.raises(ValueError, match="unknown workload"):
+        system_prompts("nope", "r0", random.Random(0), 1)
+    with pytest.raises(SystemExit):
+        main(["--workloads", "nope"])

@@ -5,6 +5,7 @@ tests. The same behaviours are proved against real vLLM in the *_tiny and *_smol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from ray import serve
 
 from deployments.app import APP_NAME
 from deployments.engine.fake import FakeEngineServer
+from deployments.routing.prefix_key import prefix_route_key, rendezvous_choice
 from tests.faults import wait_until
 from tests.workers import free_port, start_worker, stop_worker, wait_http, worker_env
 
@@ -243,6 +245,39 @@ def test_prefix_routing_keeps_conversations_sessions_and_jobs_on_one_replica(rou
         spread = {http.post("/v1/completions", json={"model": MODEL, "prompt": f"other {i}", "max_tokens": 1}
                             ).headers["x-engine-replica"] for i in range(16)}
         assert len(spread) == 2  # the same prompts without the session: their own replicas
+
+
+def test_new_conversations_go_to_the_least_loaded_replica_and_stay_there(routed_app):
+    """Four conversations that rendezvous hashing alone would all put on one replica, started while
+    the earlier ones still stream: two land on each replica, and each one's next turn follows it."""
+    app = routed_app
+    system = {"role": "system", "content": f"Instructions {uuid.uuid4().hex}. " * 8}
+    with httpx.Client(base_url=app.base_url, timeout=60) as http:
+        replicas = sorted({http.post("/v1/completions", json={"model": MODEL, "prompt": f"probe {i}", "max_tokens": 1}
+                                     ).headers["x-engine-replica"] for i in range(16)})
+        assert len(replicas) == 2
+        # Conversations whose opening hashes to the same replica (what the router did before it
+        # looked at load): the first 4 of those.
+        openings = [[system, {"role": "user", "content": f"question {i}"}] for i in range(64)]
+        same = [m for m in openings
+                if rendezvous_choice(prefix_route_key({"messages": m}).anchor, replicas) == replicas[0]][:4]
+        assert len(same) == 4
+        placed = []
+        with contextlib.ExitStack() as streams:
+            for messages in same:  # each routed (its headers back) before the next starts
+                response = streams.enter_context(http.stream("POST", "/v1/chat/completions", json={
+                    "model": MODEL, "messages": messages, "max_tokens": 1000, "stream": True}))
+                assert response.status_code == 200
+                placed.append(response.headers["x-engine-replica"])
+            assert sorted(placed) == sorted(replicas * 2), placed
+            for messages, replica in zip(same, placed, strict=True):
+                follow_up = [*messages, {"role": "assistant", "content": "tok0 "}, {"role": "user", "content": "and?"}]
+                response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": follow_up,
+                                                                   "max_tokens": 2})
+                assert response.headers["x-engine-replica"] == replica
+    # The streams closed: the engines abort them.
+    handle = serve.get_deployment_handle("EngineServer", app.name)
+    wait_until(lambda: handle.running_requests.remote().result() == 0, timeout=10, interval=0.1)
 
 
 # --- several models in one app (MODELS) ----------------------------------------------------------------

@@ -14,9 +14,10 @@ from deployments.routing.prefix_key import (
     MAX_BLOCKS,
     prefix_route_key,
     rendezvous_choice,
+    rendezvous_order,
     session_key,
 )
-from deployments.routing.prefix_router import PrefixOwners, overloaded, preferred_replica
+from deployments.routing.prefix_router import PrefixOwners, known_owner, overloaded
 
 SYSTEM = {"role": "system", "content": "You are a terse assistant. " * 20}
 
@@ -96,24 +97,31 @@ def test_rendezvous_spreads_anchors_and_moves_only_a_leaving_replicas_share():
     assert all(after[a] == placed[a] for a in anchors if placed[a] != "r2")
 
 
-def test_the_deepest_known_block_past_the_anchor_wins_then_the_anchors_owner_then_rendezvous():
+def test_the_deepest_known_block_past_the_anchor_wins_then_the_anchors_owner():
     owners = PrefixOwners()
     first = prefix_route_key(chat("What is a fox?"))
     later = prefix_route_key(chat("What is a fox?", "A small canid. " * 20, "And a wolf?"))
     owners.record(first, "r2")
-    assert preferred_replica(later, owners, ["r1", "r2"]) == "r2"  # its anchor's replica
-    # The owner gone: the rendezvous choice among the others.
-    assert preferred_replica(later, owners, ["r1", "r3"]) == rendezvous_choice(later.anchor, ["r1", "r3"])
+    assert known_owner(later, owners, ["r1", "r2"]) == "r2"  # its anchor's replica
+    # The owner gone: nothing known among the others (the least loaded takes it).
+    assert known_owner(later, owners, ["r1", "r3"]) is None
     # A conversation on the same system prompt, served by r1, doesn't pull this one there.
     owners.record(prefix_route_key(chat("What is a bear?")), "r1")
-    assert preferred_replica(later, owners, ["r1", "r2"]) == "r2"
-    # A new conversation goes where rendezvous hashing puts its anchor, not to the system prompt's last server.
-    unseen = prefix_route_key(chat("What is an owl?"))
-    assert preferred_replica(unseen, owners, ["r1", "r2"]) == rendezvous_choice(unseen.anchor, ["r1", "r2"])
+    assert known_owner(later, owners, ["r1", "r2"]) == "r2"
+    # A new conversation is not pulled to the system prompt's last server either.
+    assert known_owner(prefix_route_key(chat("What is an owl?")), owners, ["r1", "r2"]) is None
     # Past the anchor, the deepest block's server wins (its cache holds the most of the prompt).
     owners.record(later, "r1")
     longer = prefix_route_key(chat("What is a fox?", "A small canid. " * 20, "And a wolf?", "A canid.", "Why?"))
-    assert preferred_replica(longer, owners, ["r1", "r2"]) == "r1"
+    assert known_owner(longer, owners, ["r1", "r2"]) == "r1"
+
+
+def test_rendezvous_order_is_a_stable_permutation_led_by_the_choice():
+    replicas = [f"r{i}" for i in range(5)]
+    for anchor in range(50):
+        order = rendezvous_order(anchor, replicas)
+        assert sorted(order) == replicas and order[0] == rendezvous_choice(anchor, replicas)
+        assert rendezvous_order(anchor, list(reversed(replicas))) == order
 
 
 def test_prefix_owners_remember_the_anchor_and_the_blocks_past_it_and_forget_the_oldest():

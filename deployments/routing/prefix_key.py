@@ -98,9 +98,13 @@ def session_key(session_id: str) -> RouteKey:
     return RouteKey(_as_int(_digest(b"session\x00" + session_id.encode())), 0, ())
 
 
-def rendezvous_choice(anchor: int, replica_ids: list[str]) -> str:
-    """The replica an anchor belongs to when nothing else says: the highest of hash(anchor, id)
-    (rendezvous hashing). Every ingress replica computes the same one, and a replica that leaves or
-    joins moves only its own share of anchors."""
+def rendezvous_order(anchor: int, replica_ids: list[str]) -> list[str]:
+    """The replicas by the highest hash(anchor, id) first (rendezvous hashing): every ingress replica
+    computes the same order, and a replica that leaves or joins moves only its own share of anchors."""
     prefix = anchor.to_bytes(8, "big")
-    return max(replica_ids, key=lambda replica_id: _digest(prefix + replica_id.encode()))
+    return sorted(replica_ids, key=lambda replica_id: _digest(prefix + replica_id.encode()), reverse=True)
+
+
+def rendezvous_choice(anchor: int, replica_ids: list[str]) -> str:
+    """The replica an anchor belongs to when nothing else says: the first of its rendezvous order."""
+    return rendezvous_order(anchor, replica_ids)[0]

@@ -7,9 +7,9 @@ it as the engine deployment's `request_router_config`). The ingress passes each 
 (deployments.routing.prefix_key) as the `route_key` argument, so the router never reads a body.
 Unlike Ray Serve LLM's PrefixCacheAffinityRouter, which asks one detached prefix-tree actor
 (`ray.get`, blocking) twice per request, the memory of who served what lives in the router
-itself, and a prefix it has never seen goes where every ingress replica would send it
-(rendezvous hashing of the conversation's anchor): several ingress replicas agree without
-sharing state."""
+itself. A conversation it has never seen goes to the least loaded replica, ties broken by
+rendezvous hashing of the conversation's anchor (so on an idle deployment several ingress replicas
+agree without sharing state), and its later turns follow it there."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from deployments.routing.prefix_key import RouteKey, rendezvous_choice
+from deployments.routing.prefix_key import RouteKey, rendezvous_order
 
 # Ongoing requests by which the preferred replica may exceed the least loaded one before a request
 # goes to the less loaded of two instead (ROUTING_IMBALANCE sets it): past this the queue costs
@@ -61,15 +61,15 @@ class PrefixOwners:
         return len(self._owners)
 
 
-def preferred_replica(key: RouteKey, owners: PrefixOwners, replica_ids: Sequence[str]) -> str:
+def known_owner(key: RouteKey, owners: PrefixOwners, replica_ids: Sequence[str]) -> str | None:
     """Among `replica_ids`: the one that served the longest start of `key` past its anchor; else the
-    anchor's (a conversation's earlier turn); else the anchor's by rendezvous hashing."""
+    anchor's (a conversation's earlier turn); None for a conversation never seen here."""
     present = set(replica_ids)
     for prefix_hash in (*reversed(key.blocks[key.anchor_blocks:]), key.anchor):  # the deepest first
         owner = owners.get(prefix_hash)
         if owner in present:
             return owner
-    return rendezvous_choice(key.anchor, list(replica_ids))
+    return None
 
 
 def overloaded(preferred: str, queue_lengths: Mapping[str, int | None], threshold: int) -> bool:
@@ -103,7 +103,12 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if key is None or len(candidates) < 2:
             return [_two_at_random(candidates)]
         by_id = {replica.replica_id.unique_id: replica for replica in candidates}
-        chosen = preferred_replica(key, self._owners, list(by_id))
+        chosen = known_owner(key, self._owners, list(by_id))
+        if chosen is None:
+            # A new conversation: the least loaded replica (Serve takes the lowest queue length in a
+            # group, the first on a tie), in rendezvous order. By hashing alone, 4 concurrent new
+            # conversations split 3:1 or 4:0 over 2 replicas with probability 5/8, and their turns queued.
+            return [[by_id[rid] for rid in rendezvous_order(key.anchor, list(by_id))]]
         cache = self.replica_queue_len_cache
         if overloaded(chosen, {rid: cache.get(r.replica_id) for rid, r in by_id.items()}, self._imbalance_threshold):
             return [_two_at_random(candidates)]
