@@ -275,9 +275,7 @@ def test_new_conversations_go_to_the_least_loaded_replica_and_stay_there(routed_
                 response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": follow_up,
                                                                    "max_tokens": 2})
                 assert response.headers["x-engine-replica"] == replica
-    # The streams closed: the engines abort them.
-    handle = serve.get_deployment_handle("EngineServer", app.name)
-    wait_until(lambda: handle.running_requests.remote().result() == 0, timeout=10, interval=0.1)
+    idle(app)  # the streams closed: the engines abort them
 
 
 # --- several models in one app (MODELS) ----------------------------------------------------------------
